@@ -1,0 +1,32 @@
+"""Connecting to Ray and sizing workers from what the cluster has."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import ray
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local Ray. Reuse a live session."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", dashboard_host="127.0.0.1")
+
+
+def worker_resources(num_workers: int, use_gpu: bool, requested: Optional[dict]) -> dict:
+    """Resources of one training worker. Unless given, CPU workers share all but one of the
+    cluster's CPUs, so Ray Data's tasks still get scheduled (whole-CPU workers starve them on a
+    2-core machine and the run hangs)."""
+    if requested:
+        return dict(requested)
+    if use_gpu:
+        return {"CPU": 1, "GPU": 1}
+    total = ray.cluster_resources().get("CPU", 1.0)
+    share = max(total - 1.0, total / 2) / num_workers
+    return {"CPU": round(max(0.1, share), 2)}

@@ -1,0 +1,156 @@
+"""DPOConfig: the single source of settings for a run.
+
+Field names follow TRL 1.16's DPOConfig so a TRL user changes only the import. Ray and DeepSpeed
+settings are extra fields at the end. Every check runs at construction and names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from raydpo.losses import LOSSES
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class DPOConfig:
+    # --- where outputs go (TRL / transformers names) ---
+    output_dir: str = "outputs/raydpo"
+    run_name: Optional[str] = None
+
+    # --- optimisation ---
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    seed: int = 42
+
+    # --- logging and checkpoints ---
+    logging_steps: int = 10
+    save_steps: int = 500
+
+    # --- DPO ---
+    beta: float = 0.1
+    loss_type: Union[str, list] = "sigmoid"
+    loss_weights: Optional[list] = None
+    label_smoothing: float = 0.0
+    max_length: Optional[int] = 1024
+    truncation_mode: str = "keep_start"
+    model_init_kwargs: Optional[dict] = None
+    disable_dropout: bool = True
+    gradient_checkpointing: bool = False
+
+    # --- Ray and DeepSpeed ---
+    num_workers: int = 1
+    use_gpu: bool = False
+    # Resources of one training worker, e.g. {"CPU": 0.5}. None sizes it from the cluster so that
+    # N workers fit beside Ray Data's tasks on a small machine.
+    resources_per_worker: Optional[dict] = None
+    # A DeepSpeed config: a dict or a path to a JSON file. None uses raydpo's default; "auto" values
+    # and missing batch / accumulation / clipping / optimizer fields are filled from this config.
+    deepspeed: Optional[Union[dict, str]] = None
+    # ZeRO stage used when the DeepSpeed config does not set one.
+    zero_stage: int = 2
+    # Where Ray Train persists checkpoints (local path or URI). None: output_dir.
+    storage_path: Optional[str] = None
+    # Ray cluster to join. None: RAY_ADDRESS if set, else an embedded local Ray.
+    ray_address: Optional[str] = None
+    # Threads each worker's torch uses; None divides the node's cores among the workers.
+    torch_threads_per_worker: Optional[int] = None
+
+    def __post_init__(self):
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and not allow_zero):
+                raise ValueError(f"DPOConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "num_workers"):
+            positive(name)
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "num_train_epochs", "beta"):
+            positive(name, allow_zero=True)
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"DPOConfig.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"DPOConfig.max_steps must be -1 (use num_train_epochs) or > 0, got {self.max_steps!r}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError("DPOConfig.num_train_epochs must be > 0 when max_steps is -1")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ValueError(f"DPOConfig.lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"DPOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"DPOConfig.max_length must be None or >= 2, got {self.max_length!r}")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5], got {self.label_smoothing!r}")
+        for loss in self.loss_types:
+            if loss not in LOSSES:
+                raise ValueError(f"DPOConfig.loss_type {loss!r} is unknown; valid loss types: {sorted(LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_types):
+            raise ValueError(f"DPOConfig.loss_weights has {len(self.loss_weights)} weights but loss_type has "
+                             f"{len(self.loss_types)} losses")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"DPOConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if isinstance(self.deepspeed, str) and not os.path.isfile(self.deepspeed):
+            raise ValueError(f"DPOConfig.deepspeed: no DeepSpeed config file at {self.deepspeed!r}")
+        if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
+            raise ValueError("DPOConfig.deepspeed must be a dict, a path to a JSON file, or None")
+        if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
+            raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
+
+    @property
+    def loss_types(self) -> list:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def weights(self) -> list:
+        return list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_types)
+
+    def deepspeed_dict(self) -> Optional[dict]:
+        """The user's DeepSpeed config as a dict (read from the file when a path was given)."""
+        if isinstance(self.deepspeed, str):
+            with open(self.deepspeed) as f:
+                return json.load(f)
+        return self.deepspeed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_names() -> set:
+    return {f.name for f in dataclasses.fields(DPOConfig)}
+
+
+def config_from_dict(values: dict) -> DPOConfig:
+    """Build a DPOConfig from a plain dict, naming any unknown key."""
+    unknown = sorted(set(values) - _field_names())
+    if unknown:
+        raise ValueError(f"unknown DPOConfig field(s): {unknown}")
+    return DPOConfig(**values)
+

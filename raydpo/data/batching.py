@@ -1,0 +1,61 @@
+"""Per-worker batches: a deterministic order per epoch, and padding into model inputs.
+
+Pure functions of (rows, seed, epoch): a restarted worker rebuilds exactly the same batches, so a
+resumed run neither repeats nor skips one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def micro_batches_per_epoch(num_rows: int, world_size: int, batch_size: int, accumulation: int) -> int:
+    """Micro-batches each worker runs per epoch: enough for its largest shard, rounded up to whole
+    optimizer steps (the extra slots repeat rows of the shard rather than drop any)."""
+    largest_shard = math.ceil(num_rows / world_size)
+    batches = math.ceil(largest_shard / batch_size)
+    return math.ceil(batches / accumulation) * accumulation
+
+
+def epoch_order(shard_size: int, num_batches: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
+    """Row indices of each micro-batch for one epoch: a seeded shuffle, wrapped around to fill the
+    last batches (like torch's DistributedSampler pads by repeating rows)."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(shard_size, generator=generator).tolist()
+    needed = num_batches * batch_size
+    order = (order * math.ceil(needed / shard_size))[:needed]
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+
+
+def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> list:
+    """TRL's per-sequence truncation: keep_start drops from the right, keep_end from the left."""
+    if max_length is None or len(tokens) <= max_length:
+        return tokens
+    return tokens[:max_length] if truncation_mode == "keep_start" else tokens[-max_length:]
+
+
+def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
+            truncation_mode: str = "keep_start") -> dict:
+    """Pad prompt+chosen and prompt+rejected into one [2B, T] batch (chosen first), right-padded,
+    each sequence truncated on its own.
+
+    completion_mask is 1 on completion tokens only: prompt and padding never enter the log-probs.
+    """
+    sequences, completion_masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for row in rows:
+            prompt, completion = list(row["prompt_ids"]), list(row[side])
+            sequences.append(truncate(prompt + completion, max_length, truncation_mode))
+            completion_masks.append(truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, completion_masks)):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

@@ -1,0 +1,50 @@
+"""Checkpoints: DeepSpeed state + loop position + RNG, and a Hugging Face export of the policy.
+
+Layout of one checkpoint folder (all workers' files merged by Ray Train):
+  deepspeed/          engine.save_checkpoint (weights, optimizer, LR scheduler; sharded under ZeRO)
+  rng_rank{r}.pt      each worker's torch RNG state
+  model/              the policy as a plain transformers folder, with the tokenizer
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from raydpo.train.deepspeed import zero_stage
+
+DS_TAG = "deepspeed"
+MODEL_DIR = "model"
+
+
+def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: dict):
+    engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
+    torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
+    export_model(engine, os.path.join(directory, MODEL_DIR), rank, ds_config, tokenizer)
+
+
+def restore(engine, directory: str, rank: int) -> dict:
+    """Load engine state and this worker's RNG; returns the client state saved with it."""
+    _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
+    if client_state is None:
+        raise ValueError(f"{directory} holds no raydpo DeepSpeed checkpoint (looked for tag {DS_TAG!r})")
+    rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_path):
+        torch.set_rng_state(torch.load(rng_path, weights_only=True))
+    return client_state
+
+
+def export_model(engine, directory: str, rank: int, ds_config: dict, tokenizer):
+    """Write the policy so plain `AutoModelForCausalLM.from_pretrained(directory)` loads it.
+
+    Under ZeRO-3 every worker must take part: the shards are gathered to rank 0.
+    """
+    if zero_stage(ds_config) == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # full-precision when training in fp32
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        engine.module.save_pretrained(directory, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

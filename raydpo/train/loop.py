@@ -1,0 +1,138 @@
+"""The per-worker training loop: one readable DPO loop over this worker's shard.
+
+Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (see
+trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import ray
+import ray.train
+import torch
+
+from raydpo.config import DPOConfig
+from raydpo.data.batching import collate, epoch_order
+from raydpo.logprobs import model_completion_logps
+from raydpo.losses import PairLogps, dpo_loss, rewards
+from raydpo.reference import InWorkerReference
+from raydpo.train import checkpoint
+from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy
+from raydpo.train.metrics import MetricsWindow, pair_metrics
+
+
+def load_model(path: str, config: DPOConfig):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.float32, **(config.model_init_kwargs or {})}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def dpo_step(engine, reference, batch: dict, config: DPOConfig):
+    """Loss and per-pair metrics of one micro-batch (chosen rows first, then rejected)."""
+    policy_logps = model_completion_logps(engine, batch)
+    ref_logps = reference.logps(batch)
+    half = policy_logps.shape[0] // 2
+    logps = PairLogps(chosen=policy_logps[:half], rejected=policy_logps[half:],
+                      ref_chosen=ref_logps[:half], ref_rejected=ref_logps[half:])
+    loss = dpo_loss(logps, config.loss_types, config.weights, config.beta, config.label_smoothing)
+    chosen_rewards, rejected_rewards = rewards(logps, config.beta)
+    return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected)
+
+
+def _setup_worker(config: DPOConfig):
+    context = ray.train.get_context()
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
+    # DeepSpeed JIT-builds a small op on first use; a shared cache folder pays that once per machine.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/raydpo/torch_extensions"))
+    if not config.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    threads = config.torch_threads_per_worker or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    return context.get_world_rank(), context.get_world_size()
+
+
+def train_loop_per_worker(loop_config: dict):
+    config = DPOConfig(**loop_config["config"])
+    plan = loop_config["plan"]
+    rank, world_size = _setup_worker(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
+    rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
+
+    ds_config = build_deepspeed_config(config, world_size)
+    policy = load_model(loop_config["model"], config)
+    reference = InWorkerReference(load_model(loop_config["ref_model"], config), ds_config)
+    engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
+
+    step, window = 0, MetricsWindow()
+    resume_from = loop_config.get("resume_from_checkpoint")
+    ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
+    if ray_checkpoint is not None or resume_from:
+        with (ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(resume_from)) as directory:
+            state = checkpoint.restore(engine, directory, rank)
+        step, window.total_tokens = state["global_step"], state["num_tokens"]
+
+    engine.train()
+    accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
+    while step < plan["total_steps"]:
+        epoch = step // steps_per_epoch
+        order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
+                            config.seed, epoch)
+        for micro in range((step - epoch * steps_per_epoch) * accumulation, len(order)):
+            batch = collate([rows[i] for i in order[micro]], loop_config["pad_token_id"], config.max_length,
+                            config.truncation_mode)
+            learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
+            loss, per_pair = dpo_step(engine, reference, batch, config)
+            engine.backward(loss)
+            engine.step()
+            window.add(loss, per_pair, int(batch["attention_mask"].sum()))
+            if (micro + 1) % accumulation:
+                continue
+            step += 1
+            last = step == plan["total_steps"]
+            metrics = None
+            if step % config.logging_steps == 0 or last:
+                metrics = window.reduce()
+                metrics.update(grad_norm=_grad_norm(engine), learning_rate=learning_rate,
+                               epoch=step / steps_per_epoch, global_step=step)
+                if rank == 0:
+                    ray.get(loop_config["history"].append.remote(metrics))
+                    print(_progress_line(metrics, plan["total_steps"]), flush=True)
+            if step % config.save_steps == 0 or last:
+                _save_and_report(engine, rank, ds_config, loop_config, metrics, step, window.total_tokens)
+            elif metrics is not None:
+                ray.train.report(metrics)
+            if last:
+                break
+
+
+def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, total_tokens):
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"],
+                        {"global_step": step, "num_tokens": total_tokens})
+        ray.train.report(metrics or {"global_step": step},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint-{step}")
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _progress_line(metrics: dict, total_steps: int) -> str:
+    return (f"[raydpo] step {metrics['global_step']}/{total_steps} epoch {metrics['epoch']:.2f} "
+            f"loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
+            f"margin {metrics['rewards/margins']:.4f} lr {metrics['learning_rate']:.2e}")
+

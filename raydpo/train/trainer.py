@@ -1,0 +1,140 @@
+"""DPOTrainer: the TRL-shaped facade. It prepares data on the driver and hands the loop to Ray Train."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raydpo import cluster
+from raydpo.config import DPOConfig
+from raydpo.data import tokenize_dataset, to_ray_dataset
+from raydpo.data.batching import micro_batches_per_epoch
+from raydpo.data.shards import ContiguousShards
+from raydpo.train.checkpoint import MODEL_DIR
+from raydpo.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainOutput:
+    metrics: dict  # the last logged metrics
+    history: List[dict] = field(default_factory=list)  # one dict per logging step, in order
+    checkpoint: Optional[str] = None  # path of the latest checkpoint
+
+
+@ray.remote(num_cpus=0)
+class MetricsHistory:
+    """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster."""
+
+    def __init__(self):
+        self.rows = []
+
+    def append(self, metrics: dict):
+        self.rows.append(dict(metrics))
+
+    def get(self) -> list:
+        return self.rows
+
+
+def training_plan(num_rows: int, config: DPOConfig) -> dict:
+    micro_batches = micro_batches_per_epoch(num_rows, config.num_workers, config.per_device_train_batch_size,
+                                            config.gradient_accumulation_steps)
+    steps_per_epoch = micro_batches // config.gradient_accumulation_steps
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    return {"micro_batches_per_epoch": micro_batches, "steps_per_epoch": steps_per_epoch, "total_steps": total}
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return tokenizer
+
+
+class DPOTrainer:
+    """`DPOTrainer(model, ref_model, args, train_dataset, processing_class).train()`, run on Ray.
+
+    model / ref_model: a local path or model id (what from_pretrained takes). ref_model=None uses a
+    frozen copy of the initial policy. The data is tokenized and checked here, before any training
+    worker starts: a bad row raises a ValueError naming its index and field.
+    """
+
+    def __init__(self, model: str, ref_model: Optional[str] = None, args: Optional[DPOConfig] = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class=None,
+                 resume_from_checkpoint: Optional[str] = None):
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError("model must be a local path or model id (what from_pretrained takes)")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if eval_dataset is not None:
+            raise NotImplementedError("eval_dataset is not supported yet")
+        self.args = args or DPOConfig()
+        self.model = os.fspath(model)
+        self.ref_model = os.fspath(ref_model) if ref_model is not None else self.model
+        self.processing_class = processing_class or load_tokenizer(self.model)
+        if self.processing_class.pad_token is None:
+            self.processing_class.pad_token = self.processing_class.eos_token  # as TRL does
+        if resume_from_checkpoint is not None and not os.path.isdir(resume_from_checkpoint):
+            raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.state: Optional[TrainOutput] = None
+
+        cluster.connect(self.args.ray_address)
+        self.train_data = tokenize_dataset(to_ray_dataset(train_dataset), self.processing_class,
+                                           self.args.max_length, self.args.truncation_mode)
+        if self.train_data.num_rows < self.args.num_workers:
+            raise ValueError(f"train_dataset has {self.train_data.num_rows} rows, fewer than "
+                             f"num_workers={self.args.num_workers}: every worker needs at least one pair")
+
+    def train(self) -> TrainOutput:
+        config = self.args
+        plan = training_plan(self.train_data.num_rows, config)
+        history = MetricsHistory.remote()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": config.to_dict(),
+                "plan": plan,
+                "model": self.model,
+                "ref_model": self.ref_model,
+                "tokenizer": self.processing_class,
+                "pad_token_id": self.processing_class.pad_token_id,
+                "history": history,
+                "resume_from_checkpoint": self._absolute(self.resume_from_checkpoint),
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.num_workers, use_gpu=config.use_gpu,
+                resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
+                                                              config.resources_per_worker)),
+            run_config=ray.train.RunConfig(
+                name=config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S"),
+                storage_path=self._absolute(config.storage_path or config.output_dir)),
+            datasets={"train": self.train_data.dataset},
+            dataset_config=ContiguousShards(),
+        )
+        result = trainer.fit()
+        rows = ray.get(history.get.remote())
+        self.state = TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
+                                 checkpoint=result.checkpoint.path if result.checkpoint else None)
+        return self.state
+
+    def save_model(self, output_dir: Optional[str] = None) -> str:
+        """Copy the trained policy (a plain transformers folder, with the tokenizer) to output_dir."""
+        if self.state is None or self.state.checkpoint is None:
+            raise RuntimeError("save_model needs a finished train() with a checkpoint")
+        output_dir = output_dir or self.args.output_dir
+        shutil.copytree(os.path.join(self.state.checkpoint, MODEL_DIR), output_dir, dirs_exist_ok=True)
+        return output_dir
+
+    @staticmethod
+    def _absolute(path: Optional[str]) -> Optional[str]:
+        if path is None or "://" in path:
+            return path
+        return os.path.abspath(path)
