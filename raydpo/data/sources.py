@@ -7,6 +7,8 @@ from typing import Any
 
 import ray
 
+from raydpo.data.formats import check_rows
+
 FILE_READERS = {
     ".jsonl": "json",
     ".json": "json",
@@ -23,9 +25,8 @@ def to_ray_dataset(source: Any) -> "ray.data.Dataset":
     if isinstance(source, list):
         if not source:
             raise ValueError("train_dataset is an empty list: there is nothing to train on")
-        bad = next((i for i, row in enumerate(source) if not isinstance(row, dict)), None)
-        if bad is not None:
-            raise ValueError(f"row {bad}: expected a dict with prompt/chosen/rejected, got {type(source[bad]).__name__}")
+        # Checked here, not in Ray Data: a column mixing types (text and a number) cannot become an Arrow block.
+        check_rows(source)
         return ray.data.from_items(source)
     try:
         import datasets

@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import ray
 
-TEXT_FIELDS = ("prompt", "chosen", "rejected")
+from raydpo.data.formats import TEXT_FIELDS, row_error
+
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -22,17 +23,6 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 class TokenizedData:
     dataset: "ray.data.Dataset"  # materialized, columns TOKEN_COLUMNS
     num_rows: int
-
-
-def row_error(row: dict) -> Optional[str]:
-    """Why a raw row cannot be trained on, or None."""
-    for name in TEXT_FIELDS:
-        value = row.get(name)
-        if value is None:
-            return f"field {name!r} is missing"
-        if not isinstance(value, str):
-            return f"field {name!r} must be a string, got {type(value).__name__}"
-    return None
 
 
 def common_prefix_length(a: list, b: list) -> int:

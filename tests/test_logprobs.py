@@ -1,0 +1,47 @@
+import torch
+
+from raydpo.data.batching import collate
+from raydpo.logprobs import completion_logps
+
+
+def direct_logps(logits, input_ids, completion_mask):
+    """Token by token, straight from the definition: sum of log p(x_t | x_<t) over completion tokens."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        total = 0.0
+        for t in range(1, input_ids.shape[1]):
+            if completion_mask[b, t]:
+                total += torch.log_softmax(logits[b, t - 1].double(), -1)[input_ids[b, t]].item()
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_prompt_and_padding_contribute_nothing():
+    rows = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2]},
+            {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+    batch = collate(rows, pad_token_id=0)
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, 11)
+    expected = direct_logps(logits, batch["input_ids"], batch["completion_mask"])
+    got = completion_logps(logits, batch["input_ids"], batch["completion_mask"], chunk_size=2)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+    # Changing logits at prompt-predicting or padded positions must not move the result.
+    poked = logits.clone()
+    poked[0, 0] += 100.0  # predicts prompt token 5 of row 0
+    poked[2, -1] += 100.0  # row 2 (rejected of pair 0) is full length; row 0 ends in padding
+    poked[0, -1] += 100.0  # padding position of row 0
+    torch.testing.assert_close(completion_logps(poked, batch["input_ids"], batch["completion_mask"]), got)
+
+
+def test_collate_layout_and_truncation():
+    rows = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2]}]
+    batch = collate(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 0, 0], [1, 5, 6, 8, 9, 9, 2]]  # chosen first
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+    start = collate(rows, pad_token_id=0, max_length=5, truncation_mode="keep_start")
+    assert start["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 5, 6, 8, 9]]
+    end = collate(rows, pad_token_id=0, max_length=4, truncation_mode="keep_end")
+    assert end["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 9, 2]]
+    assert end["completion_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
