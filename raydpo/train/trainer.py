@@ -51,11 +51,57 @@ def training_plan(num_rows: int, config: DPOConfig) -> dict:
     return {"micro_batches_per_epoch": micro_batches, "steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 
+def export_model(checkpoint: str, output_dir: str) -> str:
+    """Copy a checkpoint's plain transformers folder (policy + tokenizer) to output_dir."""
+    shutil.copytree(os.path.join(checkpoint, MODEL_DIR), output_dir, dirs_exist_ok=True)
+    return output_dir
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     return tokenizer
+
+
+def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
+        callbacks=()) -> TrainOutput:
+    """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this."""
+    plan = training_plan(train_data.num_rows, config)
+    history = MetricsHistory.remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "plan": plan,
+            "model": model,
+            "ref_model": ref_model,
+            "tokenizer": tokenizer,
+            "pad_token_id": tokenizer.pad_token_id,
+            "history": history,
+            "resume_from_checkpoint": resume_from_checkpoint,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
+                                                          config.resources_per_worker)),
+        run_config=ray.train.RunConfig(
+            name=config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S"),
+            storage_path=_absolute(config.storage_path or config.output_dir),
+            callbacks=list(callbacks)),
+        datasets={"train": train_data.dataset},
+        dataset_config=ContiguousShards(),
+    )
+    result = trainer.fit()
+    rows = ray.get(history.get.remote())
+    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
+                       checkpoint=result.checkpoint.path if result.checkpoint else None)
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path)
 
 
 class DPOTrainer:
@@ -94,35 +140,8 @@ class DPOTrainer:
                              f"num_workers={self.args.num_workers}: every worker needs at least one pair")
 
     def train(self) -> TrainOutput:
-        config = self.args
-        plan = training_plan(self.train_data.num_rows, config)
-        history = MetricsHistory.remote()
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": config.to_dict(),
-                "plan": plan,
-                "model": self.model,
-                "ref_model": self.ref_model,
-                "tokenizer": self.processing_class,
-                "pad_token_id": self.processing_class.pad_token_id,
-                "history": history,
-                "resume_from_checkpoint": self._absolute(self.resume_from_checkpoint),
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.num_workers, use_gpu=config.use_gpu,
-                resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
-                                                              config.resources_per_worker)),
-            run_config=ray.train.RunConfig(
-                name=config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S"),
-                storage_path=self._absolute(config.storage_path or config.output_dir)),
-            datasets={"train": self.train_data.dataset},
-            dataset_config=ContiguousShards(),
-        )
-        result = trainer.fit()
-        rows = ray.get(history.get.remote())
-        self.state = TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
-                                 checkpoint=result.checkpoint.path if result.checkpoint else None)
+        self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
+                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint))
         return self.state
 
     def save_model(self, output_dir: Optional[str] = None) -> str:
@@ -130,11 +149,5 @@ class DPOTrainer:
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("save_model needs a finished train() with a checkpoint")
         output_dir = output_dir or self.args.output_dir
-        shutil.copytree(os.path.join(self.state.checkpoint, MODEL_DIR), output_dir, dirs_exist_ok=True)
-        return output_dir
+        return export_model(self.state.checkpoint, output_dir)
 
-    @staticmethod
-    def _absolute(path: Optional[str]) -> Optional[str]:
-        if path is None or "://" in path:
-            return path
-        return os.path.abspath(path)

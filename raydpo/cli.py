@@ -1,0 +1,115 @@
+"""The `raydpo` command: thin entry points over the Python API.
+
+    raydpo train CONFIG.yaml [--set key=value ...]
+    raydpo sweep CONFIG.yaml [--set key=value ...]
+    raydpo report RESULTS_DIR [--metric loss --mode min]
+
+A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`
+(and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
+`max_concurrent_trials`, `name`). Unknown keys and bad values exit with status 2 naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import yaml
+
+from raydpo.config import DPOConfig
+
+RUN_KEYS = {"model", "ref_model", "train_dataset"}
+SWEEP_KEYS = {"search_space", "scheduler", "metric", "mode", "num_samples", "max_concurrent_trials", "name"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str, overrides: list, extra_keys: set) -> tuple:
+    """(DPOConfig, the run/sweep keys) from a YAML file and `--set key=value` overrides."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        values[key.strip()] = yaml.safe_load(raw)
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    unknown = sorted(set(values) - fields - RUN_KEYS - extra_keys)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    for key in ("model", "train_dataset"):
+        if key not in values:
+            raise ConfigError(f"missing required key {key!r}")
+    config = DPOConfig(**{k: v for k, v in values.items() if k in fields})
+    return config, {k: v for k, v in values.items() if k not in fields}
+
+
+def train(args) -> int:
+    from raydpo import DPOTrainer
+
+    config, run = load_config(args.config, args.set, set())
+    trainer = DPOTrainer(run["model"], ref_model=run.get("ref_model"), args=config,
+                         train_dataset=run["train_dataset"])
+    output = trainer.train()
+    saved = trainer.save_model()
+    print(f"[raydpo] done: {output.metrics.get('global_step')} steps, loss {output.metrics.get('loss'):.4f}; "
+          f"checkpoint {output.checkpoint}; model saved to {saved}")
+    return 0
+
+
+def sweep(args) -> int:
+    from raydpo.tune import sweep as run_sweep
+
+    config, run = load_config(args.config, args.set, SWEEP_KEYS)
+    if "search_space" not in run:
+        raise ConfigError("missing required key 'search_space'")
+    result = run_sweep(run.pop("model"), run.pop("train_dataset"), run.pop("search_space"), args=config, **run)
+    print(f"[raydpo] sweep results in {result.results_dir}: {result.csv_path}, {result.plot_path}; "
+          f"best config {result.best_config}; best model {result.best_model_dir}")
+    return 0
+
+
+def report(args) -> int:
+    from raydpo.tune.report import write_report
+
+    write_report(args.results_dir, args.metric, args.mode)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydpo", description="Ray-native DPO training and sweeps")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, text in (("train", train, "train one DPO run from a YAML config"),
+                                ("sweep", sweep, "run a Ray Tune sweep from a YAML config")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("config")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one config key (YAML value), repeatable")
+        sub.set_defaults(handler=handler)
+    sub = commands.add_parser("report", help="print the table and redraw the plot of a finished sweep")
+    sub.add_argument("results_dir")
+    sub.add_argument("--metric", default="loss")
+    sub.add_argument("--mode", default="min", choices=["min", "max"])
+    sub.set_defaults(handler=report)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"raydpo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

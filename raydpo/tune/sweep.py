@@ -1,0 +1,173 @@
+"""Ray Tune over DPOConfig fields.
+
+Under Ray 2.60's Train V2 a TorchTrainer cannot be handed to tune.Tuner: each trial is a function
+trainable that runs one `fit` (see train/trainer.py) with TuneReportCallback, which forwards every
+logged step to Tune so ASHA / PBT can stop or perturb trials. The data is tokenized once on the
+driver; every trial trains on that same materialized dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+from ray import tune
+
+from raydpo import cluster
+from raydpo.config import DPOConfig
+from raydpo.train.trainer import DPOTrainer, export_model, fit
+from raydpo.tune.report import TRIALS_FILE, write_report
+
+SEARCH_FUNCTIONS = {
+    "grid_search": tune.grid_search,
+    "choice": tune.choice,
+    "uniform": lambda bounds: tune.uniform(*bounds),
+    "loguniform": lambda bounds: tune.loguniform(*bounds),
+    "randint": lambda bounds: tune.randint(*bounds),
+}
+
+
+@dataclass
+class SweepResult:
+    results_dir: str
+    table: list  # one dict per trial: its swept fields and final metrics
+    best_config: dict
+    best_model_dir: Optional[str]
+    csv_path: str
+    plot_path: str
+
+
+def search_space_from_dict(space: dict) -> dict:
+    """YAML-friendly search space -> Tune's: {"beta": {"grid_search": [0.1, 0.5]}, "seed": 3}.
+
+    Each value is either a constant or a one-key dict naming a Tune sampler: grid_search, choice,
+    uniform [low, high], loguniform [low, high], randint [low, high].
+    """
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    out = {}
+    for name, value in space.items():
+        if name not in fields:
+            raise ValueError(f"search_space: {name!r} is not a DPOConfig field")
+        if hasattr(value, "sample"):  # already a Tune sampler (tune.choice(...), ...)
+            out[name] = value
+        elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SEARCH_FUNCTIONS:
+            kind, argument = next(iter(value.items()))
+            out[name] = SEARCH_FUNCTIONS[kind](argument)
+        elif isinstance(value, dict) and not any(k in SEARCH_FUNCTIONS for k in value):
+            out[name] = value  # a dict-valued field (e.g. deepspeed), held constant
+        elif isinstance(value, dict):
+            raise ValueError(f"search_space.{name}: use exactly one of {sorted(SEARCH_FUNCTIONS)}")
+        else:
+            out[name] = value
+    return out
+
+
+def _scheduler(name: Optional[str], metric: str, mode: str, space: dict):
+    if name in (None, "none", "fifo"):
+        return None
+    if name == "asha":
+        return tune.schedulers.ASHAScheduler(metric=metric, mode=mode, time_attr="global_step",
+                                             grace_period=1, reduction_factor=2)
+    if name == "pbt":
+        mutations = {k: v for k, v in space.items() if hasattr(v, "sample")}
+        return tune.schedulers.PopulationBasedTraining(metric=metric, mode=mode, time_attr="global_step",
+                                                       perturbation_interval=2, hyperparam_mutations=mutations)
+    raise ValueError(f"scheduler must be 'asha', 'pbt' or None, got {name!r}")
+
+
+def _concurrency(base: DPOConfig, requested: Optional[int]) -> int:
+    if requested:
+        return requested
+    resources = ray.cluster_resources()
+    if base.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // base.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (2 * base.num_workers)))
+
+
+def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: str):  # noqa: D401
+    """One trial: a whole Ray Train run reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    config = DPOConfig(**{**base, **trial_config, "run_name": trial_id, "storage_path": trials_dir})
+    fit(config, trainer.model, trainer.ref_model, trainer.processing_class, trainer.train_data,
+        callbacks=[TuneReportCallback()])
+
+
+TUNE_FIELDS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+               "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+               "iterations_since_restore", "should_checkpoint", "config", "checkpoint_path"}
+
+
+def _trial_record(result, space: dict) -> dict:
+    """What the report needs of one Tune trial: its swept values, every logged step, its checkpoint."""
+    frame = result.metrics_dataframe
+    rows = frame.to_dict("records") if frame is not None else []
+    history = [{k: v for k, v in row.items() if k not in TUNE_FIELDS and not k.startswith("config/")
+                and v == v}  # v == v drops NaN: a checkpoint-only report has no metrics
+               for row in rows]
+    checkpoints = [row.get("checkpoint_path") for row in rows if isinstance(row.get("checkpoint_path"), str)]
+    return {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
+            "config": {k: result.config.get(k) for k in space},
+            "history": [h for h in history if "loss" in h],
+            "checkpoint": checkpoints[-1] if checkpoints else None,
+            "error": str(result.error) if result.error else None}
+
+
+def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPOConfig] = None,
+          ref_model: Optional[str] = None, processing_class=None, scheduler: Optional[str] = "asha",
+          metric: Optional[str] = None, mode: Optional[str] = None, num_samples: int = 1,
+          max_concurrent_trials: Optional[int] = None, name: Optional[str] = None) -> SweepResult:
+    """Run one DPO training per sampled config; return the results table and the best model.
+
+    search_space maps DPOConfig fields to Tune samplers (tune.grid_search, tune.choice, ...) or to
+    the YAML form accepted by search_space_from_dict. metric/mode default to train loss, minimised.
+    """
+    base = args or DPOConfig()
+    space = search_space_from_dict(search_space)
+    metric, mode = metric or "loss", mode or ("min" if (metric or "loss") == "loss" else "max")
+    results_dir = os.path.abspath(os.path.join(base.output_dir, name or time.strftime("sweep-%Y%m%d-%H%M%S")))
+    trials_dir = os.path.join(results_dir, "trials")
+    os.makedirs(trials_dir, exist_ok=True)
+
+    # Tokenize once on the driver (paths resolved before Tune changes each trial's working directory).
+    trainer = DPOTrainer(model, ref_model=ref_model, args=base, train_dataset=train_dataset,
+                         processing_class=processing_class)
+    concurrency = _concurrency(base, max_concurrent_trials)
+    base_values = base.to_dict()
+    if base.resources_per_worker is None and not base.use_gpu:
+        # Concurrent trials share the CPUs that one run would otherwise take alone.
+        cpus = cluster.worker_resources(base.num_workers, False, None)["CPU"]
+        base_values["resources_per_worker"] = {"CPU": round(max(0.1, cpus / concurrency), 2)}
+    base_values["output_dir"] = results_dir
+
+    trainable = tune.with_parameters(_trial, base=base_values, trainer=trainer, trials_dir=trials_dir)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only waits on its Ray Train run (0 is refused)
+        param_space=space,
+        tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency,
+                                    scheduler=_scheduler(scheduler, metric, mode, space),
+                                    metric=None if scheduler in ("asha", "pbt") else metric,
+                                    mode=None if scheduler in ("asha", "pbt") else mode),
+        run_config=tune.RunConfig(name="tune", storage_path=results_dir, verbose=1),
+    )
+    grid = tuner.fit()
+    records = [_trial_record(result, space) for result in grid]
+    if all(r["error"] for r in records):
+        raise RuntimeError(f"every trial failed; first error: {records[0]['error']}")
+    with open(os.path.join(results_dir, TRIALS_FILE), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+    table, best = write_report(results_dir, metric, mode)
+    best_model_dir = None
+    if best is not None and best.get("checkpoint"):
+        best_model_dir = export_model(best["checkpoint"], os.path.join(results_dir, "best_model"))
+    return SweepResult(results_dir=results_dir, table=table, best_config=best["config"] if best else {},
+                       best_model_dir=best_model_dir, csv_path=os.path.join(results_dir, "results.csv"),
+                       plot_path=os.path.join(results_dir, "learning_curves.png"))
+

@@ -1,0 +1,51 @@
+"""Ray Tune sweeps over DPOConfig fields, and the report they leave behind."""
+
+import csv
+import os
+
+import pytest
+from ray import tune
+
+from raydpo import DPOConfig
+from raydpo.cli import main as cli
+from raydpo.tune import search_space_from_dict, sweep
+
+
+def test_search_space_from_yaml_form():
+    space = search_space_from_dict({"beta": {"grid_search": [0.1, 0.5]}, "learning_rate": {"loguniform": [1e-6, 1e-4]},
+                                    "loss_type": {"choice": ["sigmoid", ["sigmoid"]]}, "seed": 3})
+    assert space["beta"] == {"grid_search": [0.1, 0.5]}
+    assert 1e-6 <= space["learning_rate"].sample() <= 1e-4
+    assert space["seed"] == 3
+    with pytest.raises(ValueError, match="betta"):
+        search_space_from_dict({"betta": {"grid_search": [0.1]}})
+    with pytest.raises(ValueError, match="search_space.beta"):
+        search_space_from_dict({"beta": {"grid_search": [0.1], "choice": [1]}})
+
+
+def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp_path, capsys):
+    args = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=4, logging_steps=1, save_steps=2,
+                     per_device_train_batch_size=8, learning_rate=1e-3, max_length=32)
+    result = sweep(tiny_model, parity_rows[:64], {"beta": tune.grid_search([0.1, 0.5]),
+                                                  "learning_rate": {"grid_search": [1e-3, 3e-3]}},
+                   args=args, scheduler="asha", name="grid", max_concurrent_trials=2)
+    assert len(result.table) == 4
+    assert {(row["beta"], row["learning_rate"]) for row in result.table} == {
+        (0.1, 1e-3), (0.1, 3e-3), (0.5, 1e-3), (0.5, 3e-3)}
+    assert all(row["status"] == "ok" and row["loss"] is not None for row in result.table)
+    best_loss = min(row["loss"] for row in result.table)
+    assert result.best_config == next({"beta": r["beta"], "learning_rate": r["learning_rate"]}
+                                      for r in result.table if r["loss"] == best_loss)
+    with open(result.csv_path) as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert os.path.getsize(result.plot_path) > 1000
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.best_model_dir)
+
+    # `raydpo report` rebuilds the table and the plot from the saved results alone.
+    os.remove(result.plot_path)
+    capsys.readouterr()
+    assert cli(["report", result.results_dir]) == 0
+    assert "<- best" in capsys.readouterr().out and os.path.exists(result.plot_path)
