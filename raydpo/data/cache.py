@@ -1,0 +1,121 @@
+"""On-disk cache of tokenized datasets, so repeated runs and every trial of a sweep tokenize once.
+
+An entry is `<cache_dir>/<key>/part-NNNNN.parquet` (in row order) plus `meta.json`, written to a
+temporary folder and renamed into place, so a concurrent writer or a crash never leaves a partial
+entry. The key hashes the source data, the split, the user's map_fn, the tokenizer and this
+module's format version. Source data is identified by each file's path, size and modification
+time; in-memory lists by their content; `datasets` datasets by their fingerprint. A Ray Dataset is
+keyed only when `to_ray_dataset` built it. The cache folder must be local (or a shared mount).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import uuid
+from typing import Any, Callable, Optional
+
+import pyarrow.parquet as pq
+import ray
+
+from raydpo.data.sources import data_files, is_saved_dataset, jsonable, origin
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the tokenized schema or the tokenization rules change
+
+
+def cache_key(source: Any, tokenizer, split: Optional[str] = None, map_fn: Optional[Callable] = None) -> Optional[str]:
+    """A hex key for (source data, split, map_fn, tokenizer), or None when the source can't be keyed."""
+    if isinstance(source, ray.data.Dataset):
+        if origin(source) is None:
+            return None
+        source, split, map_fn = origin(source)
+    parts = [_source_id(source, split), _function_id(map_fn), tokenizer_id(tokenizer), VERSION]
+    if any(part is None for part in parts):
+        return None
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def tokenizer_id(tokenizer) -> str:
+    """Everything about a tokenizer that changes its tokens: the full fast-tokenizer pipeline (BOS/EOS
+    post-processing included) or the vocabulary, the special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = {
+        "class": type(tokenizer).__name__,
+        "pipeline": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load(cache_dir: str, key: str) -> Optional["ray.data.Dataset"]:
+    entry = os.path.join(os.path.expanduser(cache_dir), key)
+    if not os.path.exists(os.path.join(entry, "meta.json")):
+        return None
+    parts = sorted(os.path.join(entry, name) for name in os.listdir(entry) if name.endswith(".parquet"))
+    if not parts:
+        return None
+    logger.info("tokenized dataset: cache hit %s", entry)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.read_parquet(parts).materialize()
+
+
+def save(ds: "ray.data.Dataset", cache_dir: str, key: str) -> None:
+    """Write `ds` (in row order) as one cache entry; a finished entry from a concurrent writer wins."""
+    cache_dir = os.path.expanduser(cache_dir)
+    entry = os.path.join(cache_dir, key)
+    tmp = os.path.join(cache_dir, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        rows = 0
+        # Written from the driver, block by block, so part order is row order.
+        for i, batch in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
+            pq.write_table(batch, os.path.join(tmp, f"part-{i:05d}.parquet"))
+            rows += batch.num_rows
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"rows": rows, "version": VERSION}, f)
+        os.rename(tmp, entry)
+        logger.info("tokenized dataset: cached %d rows in %s", rows, entry)
+    except OSError:
+        if not os.path.exists(os.path.join(entry, "meta.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _source_id(source: Any, split: Optional[str]):
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+        if len(source) == 1 and is_saved_dataset(os.fspath(source[0])):
+            paths = sorted(os.path.join(root, n) for root, _, names in os.walk(os.fspath(source[0])) for n in names)
+        else:
+            paths = data_files(list(source))
+        return ["files", split, [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]]
+    if isinstance(source, list):
+        try:
+            text = json.dumps(source, sort_keys=True, default=jsonable)
+        except (TypeError, ValueError):
+            return None
+        return ["rows", hashlib.sha256(text.encode()).hexdigest()]
+    if hasattr(source, "keys") and not isinstance(source, dict):  # a datasets.DatasetDict: the split used
+        source = source[split or "train"] if (split or "train") in source.keys() else None
+    fingerprint = getattr(source, "_fingerprint", None)  # datasets.Dataset
+    return ["datasets", fingerprint] if fingerprint else None
+
+
+def _function_id(fn: Optional[Callable]):
+    """A map_fn is identified by its source code (its bytecode when there is none)."""
+    if fn is None:
+        return ""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        return code.co_code.hex() + repr(code.co_consts) if code is not None else None
