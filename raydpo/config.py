@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from raydpo.losses import LOSSES
+from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES
 
 SCHEDULERS = (
     "linear",
@@ -60,11 +60,28 @@ class DPOConfig:
     loss_type: Union[str, list] = "sigmoid"
     loss_weights: Optional[list] = None
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: Optional[float] = None
+    use_weighting: bool = False
+    discopop_tau: float = 0.05
     max_length: Optional[int] = 1024
     truncation_mode: str = "keep_start"
+    # --- data (raydpo extras; README "Data formats") ---
+    # Skip rows that can't be trained on (malformed, or a prompt that fills max_length under
+    # keep_start) with a warning that counts them, instead of raising on the first one.
+    skip_bad_rows: bool = False
+    # Cache tokenized datasets in this local folder, keyed by source data, tokenizer and map_fn.
+    dataset_cache_dir: Optional[str] = None
+    # --- end data ---
     model_init_kwargs: Optional[dict] = None
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
+    # Reference-model options of TRL; refused for now (see _check_reference_options).
+    precompute_ref_log_probs: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     # --- Ray and DeepSpeed ---
     num_workers: int = 1
@@ -107,14 +124,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"DPOConfig.max_length must be None or >= 2, got {self.max_length!r}")
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5], got {self.label_smoothing!r}")
-        for loss in self.loss_types:
-            if loss not in LOSSES:
-                raise ValueError(f"DPOConfig.loss_type {loss!r} is unknown; valid loss types: {sorted(LOSSES)}")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_types):
-            raise ValueError(f"DPOConfig.loss_weights has {len(self.loss_weights)} weights but loss_type has "
-                             f"{len(self.loss_types)} losses")
+        self._check_loss_options()
+        self._check_reference_options()
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"DPOConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if isinstance(self.deepspeed, str) and not os.path.isfile(self.deepspeed):
@@ -123,6 +134,51 @@ class DPOConfig:
             raise ValueError("DPOConfig.deepspeed must be a dict, a path to a JSON file, or None")
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
+
+    def _check_loss_options(self):
+        types = self.loss_types
+        for loss in types:
+            if loss not in LOSSES:
+                raise ValueError(f"DPOConfig.loss_type {loss!r} is unknown; valid loss types: {sorted(LOSSES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"DPOConfig.loss_weights has {len(self.loss_weights)} weights but loss_type has "
+                             f"{len(types)} losses")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5], got {self.label_smoothing!r}")
+        if "robust" in types and not self.label_smoothing < 0.5:  # robust divides by 1 - 2 * label_smoothing
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5) for loss_type 'robust', "
+                             f"got {self.label_smoothing!r}")
+        if "exo_pair" in types and self.label_smoothing == 0.0:  # exo_pair takes log(label_smoothing)
+            raise ValueError("DPOConfig.label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper "
+                             "recommends 1e-3)")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"DPOConfig.f_divergence_type must be one of {F_DIVERGENCES}, "
+                             f"got {self.f_divergence_type!r}")
+        unsupported = [t for t in types if t not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and unsupported:
+            raise ValueError(f"DPOConfig.f_divergence_type={self.f_divergence_type!r} works only with loss_type in "
+                             f"{sorted(F_DIVERGENCE_LOSSES)}; {unsupported} need f_divergence_type='reverse_kl'")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"DPOConfig.ld_alpha must be None or in [0, 1], got {self.ld_alpha!r}")
+        sorting = [t for t in types if t in SORTING_LOSSES]
+        if self.use_weighting and sorting:  # these losses sort the pairs, so per-pair weights would not line up
+            raise ValueError(f"DPOConfig.use_weighting cannot be combined with loss_type {sorting}")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"DPOConfig.discopop_tau must be > 0, got {self.discopop_tau!r}")
+
+    def _check_reference_options(self):
+        if self.sync_ref_model and self.precompute_ref_log_probs:  # a synced reference makes precomputed logps stale
+            raise ValueError("DPOConfig.sync_ref_model cannot be combined with precompute_ref_log_probs")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"DPOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha!r}")
+        if self.ref_model_sync_steps <= 0:
+            raise ValueError(f"DPOConfig.ref_model_sync_steps must be > 0, got {self.ref_model_sync_steps!r}")
+        not_yet = {"precompute_ref_log_probs": False, "sync_ref_model": False, "ref_model_mixup_alpha": 0.6,
+                   "ref_model_sync_steps": 512}
+        for name, default in not_yet.items():
+            if getattr(self, name) != default:
+                raise NotImplementedError(f"DPOConfig.{name}={getattr(self, name)!r}: raydpo does not implement "
+                                          f"this yet; leave it at {default!r}")
 
     @property
     def loss_types(self) -> list:

@@ -1,32 +1,161 @@
-"""Per-sequence completion log-probs from a causal LM's logits, chunked over the sequence.
+"""Completion log-probs and token metrics from a causal LM's logits, chunked over the sequence.
 
-Chunking keeps the float32 log-softmax to [B, chunk, V] at a time instead of [B, T, V].
+Only a [N, chunk, V] float32 slice exists at a time: the forward folds each chunk into per-token
+values ([N, T] each), and the backward recomputes the chunk's softmax instead of keeping it. With a
+bf16 model, a plain `logits.float().log_softmax(-1)` would keep a whole [N, T, V] float32 copy alive
+until the backward; this keeps none.
+
+Token t is predicted by the logits at t-1, so labels and masks are shifted left by one, and a
+completion token at position 0 is never scored (as in TRL).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from raydpo.losses import PairLogps
+
+# Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
+CHUNK_ELEMENTS = 2 ** 24
+
+
+def _chunk_size(logits: torch.Tensor, chunk_size: Optional[int]) -> int:
+    return chunk_size or max(1, CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[-1]))
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(labels[:, t]) under logits[:, t] for t < L = labels.shape[1], and detached per-position
+    metrics, each [N, L]. It takes the whole [N, T, V] logits rather than a slice, so the backward
+    writes one gradient of the logits' own shape (a slice would add a second full-size copy)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk_size: int, with_metrics: bool, with_sum_sq: bool):
+        n, length = labels.shape
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # at least float32, as TRL; float64 stays
+        new = lambda: torch.zeros(n, length, dtype=dtype, device=logits.device)  # noqa: E731
+        logps, lse = new(), new()
+        entropy, mean_logits, top1 = (new(), new(), new()) if with_metrics else (None, None, None)
+        log_sum_sq = new() if with_sum_sq else None
+        for start in range(0, length, chunk_size):
+            part = slice(start, min(start + chunk_size, length))
+            z = logits[:, part].to(dtype)
+            label = labels[:, part]
+            lse[:, part] = torch.logsumexp(z, -1)
+            logps[:, part] = z.gather(-1, label.unsqueeze(-1)).squeeze(-1) - lse[:, part]
+            if with_metrics:
+                p = (z - lse[:, part, None]).exp_()  # softmax, one chunk-sized temporary, reused in place
+                entropy[:, part] = lse[:, part] - p.mul_(z).sum(-1)
+                mean_logits[:, part] = z.mean(-1)  # over the whole vocabulary, padded rows included, as TRL
+                top1[:, part] = (z.argmax(-1) == label).float()  # argmax takes the first of tied maxima, as TRL
+            if with_sum_sq:  # log sum_v p_v^2, for WPO's weights
+                log_sum_sq[:, part] = torch.logsumexp(2 * (z - lse[:, part, None]), -1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk_size = chunk_size
+        extras = [t for t in (entropy, mean_logits, top1, log_sum_sq) if t is not None]
+        ctx.mark_non_differentiable(*extras)
+        return logps, entropy, mean_logits, top1, log_sum_sq
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        grad[:, labels.shape[1]:] = 0  # positions past L predict nothing
+        for start in range(0, labels.shape[1], ctx.chunk_size):
+            part = slice(start, min(start + ctx.chunk_size, labels.shape[1]))
+            g = grad_logps[:, part, None]
+            # d log p(label) / dz = onehot(label) - softmax(z)
+            chunk = torch.exp(logits[:, part].to(lse.dtype) - lse[:, part, None]).mul_(-g)
+            chunk.scatter_add_(-1, labels[:, part, None], g)
+            grad[:, part] = chunk
+        return grad, None, None, None, None
+
+
+@dataclass
+class CompletionStats:
+    """Per-sequence sums over the scored completion tokens, shape [N] each."""
+
+    logps: torch.Tensor  # sum of weight_t * log p_t: the sequence log-prob the losses use
+    token_logps: torch.Tensor  # sum of log p_t, unweighted (the sft loss)
+    tokens: torch.Tensor  # scored completion tokens
+    entropy: Optional[torch.Tensor] = None  # sum of full-vocabulary entropies (detached)
+    mean_logits: Optional[torch.Tensor] = None  # sum of vocabulary-mean logits (detached)
+    correct: Optional[torch.Tensor] = None  # tokens whose argmax is the label (detached)
+    wpo: Optional[torch.Tensor] = None  # sum of log p_t - log sum_v p_v^2 (detached)
+
+
+def completion_stats(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     weights: Optional[torch.Tensor] = None, metrics: bool = False, wpo: bool = False,
+                     chunk_size: Optional[int] = None) -> CompletionStats:
+    """Sums over completion tokens. `weights` ([N, T], aligned with input_ids) replaces the completion
+    mask in `logps` only; it carries LD-DPO's down-weighting of a longer completion's tail."""
+    mask = completion_mask[:, 1:].float()
+    weight = mask if weights is None else weights[:, 1:].float()
+    logps, entropy, mean_logits, top1, log_sum_sq = _ChunkedTokenLogps.apply(
+        logits, input_ids[:, 1:], _chunk_size(logits, chunk_size), metrics, wpo)
+    masked_sum = lambda t: None if t is None else (t * mask).sum(1)  # noqa: E731
+    return CompletionStats(
+        logps=(logps * weight).sum(1), token_logps=masked_sum(logps), tokens=mask.sum(1),
+        entropy=masked_sum(entropy), mean_logits=masked_sum(mean_logits), correct=masked_sum(top1),
+        wpo=masked_sum(logps.detach() - log_sum_sq) if wpo else None)
 
 
 def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-                     chunk_size: int = 256) -> torch.Tensor:
-    """Sum of log p(token | prefix) over completion tokens, per sequence: shape [B].
+                     chunk_size: Optional[int] = None, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of log p(token | prefix) over completion tokens, per sequence: shape [N]."""
+    return completion_stats(logits, input_ids, completion_mask, weights, chunk_size=chunk_size).logps
 
-    Token t is predicted by the logits at t-1, so labels and mask are shifted left by one.
-    """
-    labels = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(torch.float32)
-    logits = logits[:, :-1]
-    total = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
-    for start in range(0, labels.shape[1], chunk_size):
-        chunk = logits[:, start:start + chunk_size].float()
-        label_chunk = labels[:, start:start + chunk_size]
-        token_logps = chunk.gather(-1, label_chunk.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1)
-        total = total + (token_logps * mask[:, start:start + chunk_size]).sum(-1)
-    return total
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
 def model_completion_logps(model, batch: dict) -> torch.Tensor:
-    """One forward over the [2B, T] chosen+rejected batch; summed completion log-probs [2B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return completion_logps(logits, batch["input_ids"], batch["completion_mask"])
+    """One forward over the [2B, T] chosen+rejected batch; sequence log-probs [2B].
+
+    A batch may carry `logp_weights` (see `ld_weights`); the reference must use the same weights as
+    the policy, and reads them from the batch."""
+    return completion_logps(_logits(model, batch), batch["input_ids"], batch["completion_mask"],
+                            weights=batch.get("logp_weights"))
+
+
+def model_completion_stats(model, batch: dict, wpo: bool = False) -> CompletionStats:
+    """The policy's forward: sequence log-probs and the token metrics, in one chunked pass."""
+    return completion_stats(_logits(model, batch), batch["input_ids"], batch["completion_mask"],
+                            weights=batch.get("logp_weights"), metrics=True, wpo=wpo)
+
+
+def ld_weights(completion_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO token weights for a [2B, T] chosen+rejected batch, aligned with input_ids.
+
+    Within a pair, the first min(len_chosen, len_rejected) scored tokens of each completion count
+    fully; the longer completion's remaining ("verbose") tokens count ld_alpha times."""
+    scored = completion_mask[:, 1:].float()
+    position = scored.cumsum(1)
+    chosen, rejected = scored.sum(1).chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)
+    tail = torch.full_like(scored, ld_alpha)
+    weights = scored * torch.where(position <= shared[:, None], torch.ones_like(scored), tail)
+    return F.pad(weights, (1, 0))  # position 0 is never scored
+
+
+def pair_logps(policy: CompletionStats, ref_logps: torch.Tensor, completion_mask: torch.Tensor,
+               use_weighting: bool = False) -> PairLogps:
+    """Split [2B] chosen-first values into the pairs the losses see."""
+    chosen, rejected = policy.logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    # ipo and sigmoid_norm divide by the completion mask's count, not the scored count, as TRL does;
+    # they differ only when keep_end truncation puts a completion token at position 0.
+    chosen_tokens, rejected_tokens = completion_mask.sum(1).float().chunk(2)
+    weights = None
+    if use_weighting:
+        # WPO (Eq. 2): exp of the mean over completion tokens of log p_t - log sum_v p_v^2, chosen * rejected
+        w_chosen, w_rejected = torch.exp(policy.wpo / policy.tokens.clamp(min=1)).chunk(2)
+        weights = w_chosen * w_rejected
+    return PairLogps(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                     chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+                     sft_logps=policy.token_logps.chunk(2)[0], sft_tokens=policy.tokens.chunk(2)[0],
+                     weights=weights)

@@ -16,12 +16,12 @@ import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order
-from raydpo.logprobs import model_completion_logps
-from raydpo.losses import PairLogps, dpo_loss, rewards
+from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
+from raydpo.losses import dpo_loss, rewards
 from raydpo.reference import InWorkerReference
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
-from raydpo.train.metrics import MetricsWindow, pair_metrics
+from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 
 
 def load_model(path: str, config: DPOConfig):
@@ -39,15 +39,14 @@ def load_model(path: str, config: DPOConfig):
 
 
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):
-    """Loss and per-pair metrics of one micro-batch (chosen rows first, then rejected)."""
-    policy_logps = model_completion_logps(engine, batch)
-    ref_logps = reference.logps(batch)
-    half = policy_logps.shape[0] // 2
-    logps = PairLogps(chosen=policy_logps[:half], rejected=policy_logps[half:],
-                      ref_chosen=ref_logps[:half], ref_rejected=ref_logps[half:])
-    loss = dpo_loss(logps, config.loss_types, config.weights, config.beta, config.label_smoothing)
+    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected)."""
+    if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
+        batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
+    policy = model_completion_stats(engine, batch, wpo=config.use_weighting)
+    logps = pair_logps(policy, reference.logps(batch), batch["completion_mask"], config.use_weighting)
+    loss = dpo_loss(logps, config)
     chosen_rewards, rejected_rewards = rewards(logps, config.beta)
-    return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected)
+    return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
 def _setup_worker(config: DPOConfig):
@@ -93,13 +92,13 @@ def train_loop_per_worker(loop_config: dict):
             batch = collate([rows[i] for i in order[micro]], loop_config["pad_token_id"], config.max_length,
                             config.truncation_mode)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
-            loss, per_pair = dpo_step(engine, reference, batch, config)
+            loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             engine.backward(loss)
             boundary = (micro + 1) % accumulation == 0
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
             unclipped_norm = _grad_norm(engine.module) if boundary and zero_stage(ds_config) == 0 else None
             engine.step()
-            window.add(loss, per_pair, int(batch["attention_mask"].sum()))
+            window.add(loss, per_pair, per_token, int(batch["attention_mask"].sum()))
             if not boundary:
                 continue
             step += 1

@@ -1,4 +1,10 @@
-"""Training metrics averaged over a logging window and over all workers, the way TRL logs them."""
+"""Training metrics averaged over a logging window and over all workers, the way TRL 1.16 logs them.
+
+TRL appends one value per micro-batch and logs the plain mean of those values. A pair metric's
+value is the mean over the pairs of all workers. A token metric's value is a ratio whose numerator
+and denominator are both summed over all workers first (token-weighted across workers), so the
+window keeps one (sum, count) row per micro-batch and divides after the all-reduce.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import torch.distributed as dist
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
+TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
@@ -23,41 +30,72 @@ def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
     }
 
 
+def token_metrics(policy) -> dict:
+    """(sum, count) per token metric for one micro-batch, from the policy's `CompletionStats` [2B].
+
+    entropy covers chosen and rejected completion tokens; token accuracy only chosen ones."""
+    half = policy.tokens.shape[0] // 2
+    tokens_chosen, tokens_rejected = policy.tokens[:half].sum(), policy.tokens[half:].sum()
+    return {
+        "entropy": (policy.entropy.sum(), policy.tokens.sum()),
+        "mean_token_accuracy": (policy.correct[:half].sum(), tokens_chosen),
+        "logits/chosen": (policy.mean_logits[:half].sum(), tokens_chosen),
+        "logits/rejected": (policy.mean_logits[half:].sum(), tokens_rejected),
+    }
+
+
 class MetricsWindow:
     """Sums since the last log; `reduce` averages them over the window and all workers.
 
     Every worker runs the same number of equally sized micro-batches, so the mean over all pairs
-    equals TRL's mean over micro-batches of the mean gathered across processes.
+    equals TRL's mean over micro-batches of the mean gathered across processes, and the per-micro-
+    batch token rows line up across workers.
     """
 
     def __init__(self):
         self.total_tokens = 0.0
+        self.device = torch.device("cpu")
         self._reset()
 
     def _reset(self):
         self.sums = defaultdict(float)
+        self.token_rows = []  # per micro-batch: [sum, count] for each of TOKEN_METRICS
         self.pairs = 0
         self.micro_batches = 0
         self.tokens = 0.0
 
-    def add(self, loss: torch.Tensor, per_pair: dict, tokens: int):
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, tokens: int):
         self.micro_batches += 1
-        self.sums["loss"] += float(loss.detach())
-        for name, values in per_pair.items():
-            self.sums[name] += float(values.sum())
-        self.pairs += len(next(iter(per_pair.values())))
+        self.device = loss.device  # NCCL all-reduces only device tensors
+        self.pairs += len(per_pair["rewards/chosen"])
+        # One device-to-host copy per micro-batch.
+        values = torch.stack([loss.detach().float().reshape(())]
+                             + [per_pair[name].float().sum() for name in PAIR_METRICS]
+                             + [v.float() for name in TOKEN_METRICS for v in per_token[name]]).tolist()
+        self.sums["loss"] += values[0]
+        for name, value in zip(PAIR_METRICS, values[1:]):
+            self.sums[name] += value
+        self.token_rows.append(values[1 + len(PAIR_METRICS):])
         self.tokens += tokens
 
     def reduce(self) -> dict:
         names = ["loss", *PAIR_METRICS]
-        values = torch.tensor([self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens],
-                              dtype=torch.float64)
+        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens]
+        rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(TOKEN_METRICS))
+        values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
         if dist.is_available() and dist.is_initialized():
+            values = values.to(self.device)
             dist.all_reduce(values)
-        *sums, pairs, micro_batches, tokens = values.tolist()
+            values = values.cpu()
+        *sums, pairs, micro_batches, tokens = values[:len(flat)].tolist()
+        rows = values[len(flat):].reshape(-1, len(TOKEN_METRICS), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
         out.update({name: total / max(pairs, 1) for name, total in zip(PAIR_METRICS, sums[1:])})
+        # Per micro-batch ratio over all workers (0 without tokens, as TRL), then the window mean.
+        ratios = torch.where(rows[..., 1] > 0, rows[..., 0] / rows[..., 1].clamp(min=1), torch.zeros(()))
+        means = ratios.mean(0).tolist() if len(ratios) else [0.0] * len(TOKEN_METRICS)
+        out.update(zip(TOKEN_METRICS, means))
         out["num_tokens"] = self.total_tokens
         self._reset()
         return out

@@ -15,7 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from raydpo import cluster
 from raydpo.config import DPOConfig
-from raydpo.data import tokenize_dataset, to_ray_dataset
+from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
@@ -31,13 +31,25 @@ class TrainOutput:
 
 @ray.remote(num_cpus=0)
 class MetricsHistory:
-    """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster."""
+    """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster, and
+    writes them as TensorBoard scalars (tensorboardX comes with ray[tune])."""
 
-    def __init__(self):
+    def __init__(self, tensorboard_dir: Optional[str] = None):
         self.rows = []
+        self.writer = None
+        if tensorboard_dir and "://" not in tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
 
     def append(self, metrics: dict):
         self.rows.append(dict(metrics))
+        if self.writer is not None:
+            step = metrics.get("global_step", len(self.rows))
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and name != "global_step":
+                    self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.flush()
 
     def get(self) -> list:
         return self.rows
@@ -68,7 +80,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         callbacks=()) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this."""
     plan = training_plan(train_data.num_rows, config)
-    history = MetricsHistory.remote()
+    run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
+    storage_path = _absolute(config.storage_path or config.output_dir)
+    history = MetricsHistory.remote(os.path.join(storage_path, run_name, "tensorboard"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -86,8 +100,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
                                                           config.resources_per_worker)),
         run_config=ray.train.RunConfig(
-            name=config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S"),
-            storage_path=_absolute(config.storage_path or config.output_dir),
+            name=run_name,
+            storage_path=storage_path,
             callbacks=list(callbacks)),
         datasets={"train": train_data.dataset},
         dataset_config=ContiguousShards(),
@@ -133,8 +147,7 @@ class DPOTrainer:
         self.state: Optional[TrainOutput] = None
 
         cluster.connect(self.args.ray_address)
-        self.train_data = tokenize_dataset(to_ray_dataset(train_dataset), self.processing_class,
-                                           self.args.max_length, self.args.truncation_mode)
+        self.train_data = prepare_dataset(train_dataset, self.processing_class, self.args)
         if self.train_data.num_rows < self.args.num_workers:
             raise ValueError(f"train_dataset has {self.train_data.num_rows} rows, fewer than "
                              f"num_workers={self.args.num_workers}: every worker needs at least one pair")
