@@ -77,11 +77,19 @@ class DPOConfig:
     model_init_kwargs: Optional[dict] = None
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
-    # Reference-model options of TRL; refused for now (see _check_reference_options).
+    # Reference-model options of TRL; sync_ref_model is refused for now (see _check_reference_options).
     precompute_ref_log_probs: bool = False
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    # --- reference modes (raydpo extras; README "Reference modes") ---
+    # precompute_ref_log_probs=True: pairs per reference forward in the precompute actors (None:
+    # per_device_train_batch_size), the number of actors, and each actor's Ray resources (None:
+    # {"GPU": 1} with use_gpu, else {"CPU": 1}).
+    precompute_ref_batch_size: Optional[int] = None
+    precompute_ref_num_actors: int = 1
+    precompute_ref_resources: Optional[dict] = None
+    # --- end reference modes ---
 
     # --- Ray and DeepSpeed ---
     num_workers: int = 1
@@ -100,6 +108,14 @@ class DPOConfig:
     ray_address: Optional[str] = None
     # Threads each worker's torch uses; None divides the node's cores among the workers.
     torch_threads_per_worker: Optional[int] = None
+
+    # --- reliability ---
+    # Ray Train restarts the worker group from the latest checkpoint up to this many times (-1: forever).
+    max_failures: int = 0
+    # Keep only the newest K checkpoints (None keeps all).
+    save_total_limit: Optional[int] = None
+    # Remote code in a model repo runs only when the user asks for it.
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         def positive(name, allow_zero=False):
@@ -126,6 +142,10 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.max_length must be None or >= 2, got {self.max_length!r}")
         self._check_loss_options()
         self._check_reference_options()
+        if self.max_failures < -1:
+            raise ValueError(f"DPOConfig.max_failures must be >= -1, got {self.max_failures!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"DPOConfig.save_total_limit must be None or >= 1, got {self.save_total_limit!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"DPOConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if isinstance(self.deepspeed, str) and not os.path.isfile(self.deepspeed):
@@ -173,8 +193,14 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha!r}")
         if self.ref_model_sync_steps <= 0:
             raise ValueError(f"DPOConfig.ref_model_sync_steps must be > 0, got {self.ref_model_sync_steps!r}")
-        not_yet = {"precompute_ref_log_probs": False, "sync_ref_model": False, "ref_model_mixup_alpha": 0.6,
-                   "ref_model_sync_steps": 512}
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size <= 0:
+            raise ValueError(f"DPOConfig.precompute_ref_batch_size must be None or > 0, "
+                             f"got {self.precompute_ref_batch_size!r}")
+        if self.precompute_ref_num_actors <= 0:
+            raise ValueError(f"DPOConfig.precompute_ref_num_actors must be > 0, got {self.precompute_ref_num_actors!r}")
+        if self.precompute_ref_resources is not None and not isinstance(self.precompute_ref_resources, dict):
+            raise ValueError("DPOConfig.precompute_ref_resources must be a dict like {'CPU': 1} or None")
+        not_yet = {"sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512}
         for name, default in not_yet.items():
             if getattr(self, name) != default:
                 raise NotImplementedError(f"DPOConfig.{name}={getattr(self, name)!r}: raydpo does not implement "

@@ -266,7 +266,7 @@ def test_refused_combinations(options, named):
         assert field in str(error.value)
 
 
-@pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("sync_ref_model", True),
+@pytest.mark.parametrize("field, value", [("sync_ref_model", True),
                                           ("ref_model_mixup_alpha", 0.5), ("ref_model_sync_steps", 64)])
 def test_reference_options_not_implemented_yet(field, value):
     with pytest.raises(NotImplementedError, match=field):

@@ -43,6 +43,7 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
     each sequence truncated on its own.
 
     completion_mask is 1 on completion tokens only: prompt and padding never enter the log-probs.
+    Rows with ref_chosen_logps / ref_rejected_logps add `ref_logps` [2B] (chosen first).
     """
     sequences, completion_masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
@@ -58,4 +59,10 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
         completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    # Precomputed reference log-probs (raydpo.reference.precompute) ride along, chosen first like the rows.
+    if rows and all(row.get("ref_chosen_logps") is not None and row.get("ref_rejected_logps") is not None
+                    for row in rows):
+        batch["ref_logps"] = torch.tensor([float(row["ref_chosen_logps"]) for row in rows]
+                                          + [float(row["ref_rejected_logps"]) for row in rows], dtype=torch.float64)
+    return batch

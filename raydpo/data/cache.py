@@ -26,7 +26,7 @@ from raydpo.data.sources import data_files, is_saved_dataset, jsonable, origin
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the tokenized schema or the tokenization rules change
+VERSION = 2  # bump when the tokenized schema or the tokenization rules change
 
 
 def cache_key(source: Any, tokenizer, split: Optional[str] = None, map_fn: Optional[Callable] = None) -> Optional[str]:

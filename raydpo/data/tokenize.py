@@ -32,7 +32,10 @@ TOKENIZED_SCHEMA = pa.schema([(c, _IDS) for c in TOKEN_COLUMNS] + [
     ("_status", pa.string()),      # "" (a good row), "bad" (skippable) or "fatal" (never skipped)
     ("_error", pa.string()), ("_format", pa.string()), ("_where", pa.string()),
     ("_prompt_cut", pa.bool_()),   # the tokenized prompt was not a prefix of prompt+completion
-    ("_prompt_len", pa.int32()), ("_chosen_len", pa.int32()), ("_rejected_len", pa.int32())])
+    ("_prompt_len", pa.int32()), ("_chosen_len", pa.int32()), ("_rejected_len", pa.int32()),
+    # Reference log-probs a row already carries (null when it has none): training uses them as they are.
+    ("ref_chosen_logps", pa.float64()), ("ref_rejected_logps", pa.float64())])
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -67,7 +70,7 @@ class DataSummary:
 
 @dataclass
 class TokenizedData:
-    dataset: "ray.data.Dataset"  # materialized, columns TOKEN_COLUMNS
+    dataset: "ray.data.Dataset"  # materialized, columns TOKEN_COLUMNS (+ REF_COLUMNS when rows carry them)
     num_rows: int
     summary: Optional[DataSummary] = None
 
@@ -128,11 +131,12 @@ def tokenize_pair(tokenizer, pair) -> dict:
 def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
     out = {name: [] for name in TOKENIZED_SCHEMA.names}
     for raw, where, error, fatal in raw_rows(table):
-        code, tokens = "", None
+        code, tokens, refs = "", None, (None, None)
         if error is None:
             try:
                 code, pair = normalize(raw)
                 tokens = tokenize_pair(tokenizer, pair)
+                refs = _ref_values(raw)
             except RowError as e:
                 error, fatal = str(e), e.fatal
             except Exception as e:  # e.g. a chat template raising on this row: name the row, don't crash the task
@@ -146,7 +150,21 @@ def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
         out["_format"].append(code)
         out["_where"].append(where)
         out["_prompt_cut"].append(tokens["prompt_cut"])
+        for name, value in zip(REF_COLUMNS, refs if error is None else (None, None)):
+            out[name].append(value)
     return pa.table(out, schema=TOKENIZED_SCHEMA)
+
+
+def _ref_values(raw: dict) -> tuple:
+    """The row's own ref_chosen_logps / ref_rejected_logps (both, or neither is used)."""
+    values = []
+    for name in REF_COLUMNS:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RowError(f"field {name!r} must be a number (a summed reference log-prob), "
+                           f"got {type(value).__name__}")
+        values.append(None if value is None else float(value))
+    return tuple(values) if None not in values else (None, None)
 
 
 def tokenize_raw(ds: "ray.data.Dataset", tokenizer) -> "ray.data.Dataset":
@@ -174,7 +192,8 @@ def finish(tokenized: "ray.data.Dataset", split_name: str, max_length: Optional[
            skip_bad_rows: bool = False, allow_empty: bool = False) -> TokenizedData:
     """Check the tokenized rows on the driver: raise on the first bad row (or skip and count), refuse
     mixed formats, and keep TOKEN_COLUMNS. `allow_empty` returns a summary even when no row is left."""
-    batches = list(tokenized.select_columns(list(STAT_COLUMNS)).iter_batches(batch_format="pyarrow", batch_size=None))
+    batches = list(tokenized.select_columns(list(STAT_COLUMNS) + list(REF_COLUMNS))
+                   .iter_batches(batch_format="pyarrow", batch_size=None))
     stats = pa.concat_tables(batches) if batches else None
     n = stats.num_rows if stats is not None else 0
     if n == 0:
@@ -233,7 +252,9 @@ def finish(tokenized: "ray.data.Dataset", split_name: str, max_length: Optional[
         tokenized = tokenized.map_batches(_keep_rows, fn_kwargs={"max_length": max_length,
                                                                  "truncation_mode": truncation_mode},
                                           batch_format="pyarrow")
-    dataset = tokenized.select_columns(list(TOKEN_COLUMNS)).materialize()
+    # The reference columns are kept only when some row carries them (precompute fills the others).
+    carried = [name for name in REF_COLUMNS if stats[name].null_count < n]
+    dataset = tokenized.select_columns(list(TOKEN_COLUMNS) + (list(REF_COLUMNS) if carried else [])).materialize()
     return TokenizedData(dataset=dataset, num_rows=summary.rows, summary=summary)
 
 

@@ -1,6 +1,14 @@
 """Reference log-probs. Every implementation answers one question: `logps(batch) -> [2B]` summed
-completion log-probs of the frozen reference, chosen rows first. The training loop does not know which."""
+completion log-probs of the frozen reference, chosen rows first. The training loop does not know which:
+it picks one at build time (train.loop.build_reference) and only calls `logps`.
+
+- InWorkerReference: a separate frozen model in the worker (sharded under ZeRO-3);
+- PeftBaseReference: the PEFT policy with its adapters disabled (no second model);
+- PrecomputedReference: columns computed before training by an actor pool (reference.precompute).
+"""
 
 from raydpo.reference.in_worker import InWorkerReference
+from raydpo.reference.peft_base import PeftBaseReference
+from raydpo.reference.precomputed import PrecomputedReference
 
-__all__ = ["InWorkerReference"]
+__all__ = ["InWorkerReference", "PeftBaseReference", "PrecomputedReference"]

@@ -7,6 +7,7 @@ trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 
@@ -18,7 +19,8 @@ from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order
 from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
 from raydpo.losses import dpo_loss, rewards
-from raydpo.reference import InWorkerReference
+from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
+from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
@@ -27,7 +29,7 @@ from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 def load_model(path: str, config: DPOConfig):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.float32, **(config.model_init_kwargs or {})}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if config.disable_dropout:
         for module in model.modules():
@@ -36,6 +38,38 @@ def load_model(path: str, config: DPOConfig):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def load_policy(path: str, config: DPOConfig, peft_config=None):
+    """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
+    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue."""
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(adapter_base(path), config), path, is_trainable=True)
+    elif peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(load_model(path, config), peft_config)
+    else:
+        return load_model(path, config)
+    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
+        model.enable_input_require_grads()
+    return model
+
+
+def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine):
+    """The reference mode, chosen once: the loop itself only calls `reference.logps(batch)`."""
+    if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
+        return PrecomputedReference()
+    if loop_config.get("ref_model") is None and is_peft_model(engine.module):
+        return PeftBaseReference(engine.module)  # the base with adapters disabled: no second model
+    path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
+    return InWorkerReference(load_model(path, config), ds_config)
 
 
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):
@@ -70,9 +104,9 @@ def train_loop_per_worker(loop_config: dict):
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
 
     ds_config = build_deepspeed_config(config, world_size)
-    policy = load_model(loop_config["model"], config)
-    reference = InWorkerReference(load_model(loop_config["ref_model"], config), ds_config)
+    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
+    reference = build_reference(loop_config, config, ds_config, engine)
 
     step, window = 0, MetricsWindow()
     resume_from = loop_config.get("resume_from_checkpoint")
@@ -93,6 +127,7 @@ def train_loop_per_worker(loop_config: dict):
                             config.truncation_mode)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
+            _require_finite("loss", float(loss), step + 1)
             engine.backward(loss)
             boundary = (micro + 1) % accumulation == 0
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
@@ -102,11 +137,12 @@ def train_loop_per_worker(loop_config: dict):
             if not boundary:
                 continue
             step += 1
+            grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
+            _require_finite("grad_norm", float(grad_norm), step)
             last = step == plan["total_steps"]
             metrics = None
             if step % config.logging_steps == 0 or last:
                 metrics = window.reduce()
-                grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
                 metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
                                epoch=step / steps_per_epoch, global_step=step)
                 if rank == 0:
@@ -118,6 +154,13 @@ def train_loop_per_worker(loop_config: dict):
                 ray.train.report(metrics)
             if last:
                 break
+
+
+def _require_finite(name: str, value: float, step: int):
+    """Stop before a non-finite value reaches a checkpoint: the last one saved stays the last good one."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite {name} ({value}) at step {step}; training stopped, and the "
+                                 f"latest checkpoint (before step {step}) is intact")
 
 
 def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, total_tokens):

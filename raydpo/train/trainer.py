@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -20,6 +21,7 @@ from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.loop import train_loop_per_worker
+from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
 
 
 @dataclass
@@ -43,6 +45,10 @@ class MetricsHistory:
             self.writer = SummaryWriter(tensorboard_dir)
 
     def append(self, metrics: dict):
+        # After a restart from a checkpoint, steps past it are logged again: the new ones replace them.
+        step = metrics.get("global_step")
+        if step is not None:
+            self.rows = [row for row in self.rows if row.get("global_step", -1) < step]
         self.rows.append(dict(metrics))
         if self.writer is not None:
             step = metrics.get("global_step", len(self.rows))
@@ -69,16 +75,34 @@ def export_model(checkpoint: str, output_dir: str) -> str:
     return output_dir
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return tokenizer
 
 
+def _load_model_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer; for an adapter folder saved without one, its base model's."""
+    try:
+        return load_tokenizer(path, trust_remote_code)
+    except (OSError, ValueError):
+        if not is_adapter_dir(path):
+            raise
+        return load_tokenizer(adapter_base(path), trust_remote_code)
+
+
 def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
-        callbacks=()) -> TrainOutput:
-    """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this."""
+        callbacks=(), peft_config=None) -> TrainOutput:
+    """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
+
+    ref_model=None with PEFT (peft_config, or an adapter folder as model): the reference is the base
+    with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first."""
+    if config.precompute_ref_log_probs:
+        from raydpo.reference.precompute import precompute_ref_logps
+
+        train_data = dataclasses.replace(train_data, dataset=precompute_ref_logps(
+            train_data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
     plan = training_plan(train_data.num_rows, config)
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = _absolute(config.storage_path or config.output_dir)
@@ -90,6 +114,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             "plan": plan,
             "model": model,
             "ref_model": ref_model,
+            "peft_config": peft_config,
             "tokenizer": tokenizer,
             "pad_token_id": tokenizer.pad_token_id,
             "history": history,
@@ -102,6 +127,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.save_total_limit),
             callbacks=list(callbacks)),
         datasets={"train": train_data.dataset},
         dataset_config=ContiguousShards(),
@@ -128,7 +155,7 @@ class DPOTrainer:
 
     def __init__(self, model: str, ref_model: Optional[str] = None, args: Optional[DPOConfig] = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class=None,
-                 resume_from_checkpoint: Optional[str] = None):
+                 resume_from_checkpoint: Optional[str] = None, peft_config=None):
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError("model must be a local path or model id (what from_pretrained takes)")
         if train_dataset is None:
@@ -137,8 +164,15 @@ class DPOTrainer:
             raise NotImplementedError("eval_dataset is not supported yet")
         self.args = args or DPOConfig()
         self.model = os.fspath(model)
-        self.ref_model = os.fspath(ref_model) if ref_model is not None else self.model
-        self.processing_class = processing_class or load_tokenizer(self.model)
+        # PEFT (peft_config, or a saved adapter folder as model): a new adapter, or that one continued
+        self.peft_config = peft_config
+        peft = peft_config is not None or is_adapter_dir(self.model)
+        if peft_config is not None and is_adapter_dir(self.model):
+            raise ValueError(f"model {self.model!r} is a PEFT adapter folder, which training continues; "
+                             "pass peft_config=None (or the base model to start a new adapter)")
+        # ref_model=None: a frozen copy of the initial policy, or with PEFT the base with adapters disabled
+        self.ref_model = os.fspath(ref_model) if ref_model is not None else (None if peft else self.model)
+        self.processing_class = processing_class or _load_model_tokenizer(self.model, self.args.trust_remote_code)
         if self.processing_class.pad_token is None:
             self.processing_class.pad_token = self.processing_class.eos_token  # as TRL does
         if resume_from_checkpoint is not None and not os.path.isdir(resume_from_checkpoint):
@@ -154,11 +188,12 @@ class DPOTrainer:
 
     def train(self) -> TrainOutput:
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
-                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint))
+                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config)
         return self.state
 
     def save_model(self, output_dir: Optional[str] = None) -> str:
-        """Copy the trained policy (a plain transformers folder, with the tokenizer) to output_dir."""
+        """Copy the trained policy (a plain transformers folder, with the tokenizer) to output_dir. With
+        PEFT it is the adapter folder (with the tokenizer) that `PeftModel.from_pretrained(base, dir)` loads."""
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("save_model needs a finished train() with a checkpoint")
         output_dir = output_dir or self.args.output_dir

@@ -96,7 +96,7 @@ def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: s
     trial_id = tune.get_context().get_trial_id()
     config = DPOConfig(**{**base, **trial_config, "run_name": trial_id, "storage_path": trials_dir})
     fit(config, trainer.model, trainer.ref_model, trainer.processing_class, trainer.train_data,
-        callbacks=[TuneReportCallback()])
+        callbacks=[TuneReportCallback()], peft_config=getattr(trainer, "peft_config", None))
 
 
 TUNE_FIELDS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",

@@ -1,0 +1,108 @@
+"""Precompute reference log-probs once, before training, with a pool of Ray actors holding the frozen
+reference: a Ray Data `map_batches` stage over an actor pool that adds the ref_chosen_logps /
+ref_rejected_logps columns. The actors batch rows with the training loop's own `collate` and score
+them with its own `model_completion_logps`, so the numbers are the in-worker reference's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from raydpo.config import DPOConfig
+from raydpo.reference.precomputed import REF_COLUMNS
+
+
+class ReferenceLogps:
+    """Ray Data callable class: one frozen reference per actor; a batch of tokenized rows in, the
+    same rows with REF_COLUMNS out. Rows that already carry both values keep them."""
+
+    def __init__(self, model_path: str, config: dict, pad_token_id: int, threads: Optional[int] = None):
+        import torch
+
+        from raydpo.train.loop import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = DPOConfig(**config)
+        self.pad_token_id = pad_token_id
+        self.device = torch.device("cuda" if self.config.use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_model(model_path, self.config).to(self.device).eval().requires_grad_(False)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import torch
+
+        from raydpo.data.batching import collate
+        from raydpo.logprobs import ld_weights, model_completion_logps
+
+        rows = table.to_pylist()
+        have = [all(row.get(c) is not None and not math.isnan(row[c]) for c in REF_COLUMNS) for row in rows]
+        todo = [i for i, ok in enumerate(have) if not ok]
+        values = {c: [row.get(c) if ok else None for row, ok in zip(rows, have)] for c in REF_COLUMNS}
+        if todo:
+            batch = collate([rows[i] for i in todo], self.pad_token_id, self.config.max_length,
+                            self.config.truncation_mode)
+            batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
+            if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
+                batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)
+            with torch.no_grad():
+                chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
+            for j, i in enumerate(todo):
+                values["ref_chosen_logps"][i] = float(chosen[j])
+                values["ref_rejected_logps"][i] = float(rejected[j])
+        for name in REF_COLUMNS:
+            column = pa.array(values[name], type=pa.float64())
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, column)
+            else:
+                table = table.append_column(name, column)
+        return table
+
+
+def needs_precompute(dataset: "ray.data.Dataset") -> bool:
+    """False when every row already carries both reference columns."""
+    names = dataset.schema().names
+    if not all(c in names for c in REF_COLUMNS):
+        return True
+    for batch in dataset.select_columns(list(REF_COLUMNS)).iter_batches(batch_format="numpy", batch_size=None):
+        for c in REF_COLUMNS:
+            column = np.asarray(batch[c], dtype=np.float64)
+            if np.isnan(column).any():
+                return True
+    return False
+
+
+def actor_resources(config: DPOConfig) -> dict:
+    if config.precompute_ref_resources:
+        return dict(config.precompute_ref_resources)
+    return {"GPU": 1} if config.use_gpu else {"CPU": 1}
+
+
+def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig,
+                         pad_token_id: int) -> "ray.data.Dataset":
+    """The materialized dataset with REF_COLUMNS, in the same row order (so shards match the
+    in-worker run). Rows that already have both columns are not scored again."""
+    if not needs_precompute(dataset):
+        return dataset
+    resources = actor_resources(config)
+    remote_args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
+    if resources:
+        remote_args["resources"] = resources
+    threads = max(1, int(remote_args["num_cpus"])) if remote_args["num_cpus"] else None
+    context = ray.data.DataContext.get_current()
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # row i keeps its index: the shards stay the same
+    try:
+        return dataset.map_batches(
+            ReferenceLogps, batch_format="pyarrow",
+            batch_size=config.precompute_ref_batch_size or config.per_device_train_batch_size,
+            fn_constructor_kwargs={"model_path": model_path, "config": dataclasses.asdict(config),
+                                   "pad_token_id": pad_token_id, "threads": threads},
+            concurrency=config.precompute_ref_num_actors, **remote_args).materialize()
+    finally:
+        context.execution_options.preserve_order = preserve

@@ -1,0 +1,33 @@
+"""Every experiment script runs offline with --tiny (a tiny model and ../shared/data)."""
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+def load(name):
+    sys.path.insert(0, os.path.abspath(EXPERIMENTS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["dpo_qwen3_ultrafeedback", "mpo", "tool_calling"])
+def test_training_scripts_run_tiny(ray_session, tmp_path, script):
+    output = load(script).main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
+    assert output.metrics["global_step"] == 2 and math.isfinite(output.metrics["loss"])
+    assert (tmp_path / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_script_runs_tiny(ray_session, tmp_path):
+    result = load("sweep_beta_loss").main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
+    assert len(result.table) == 4 and result.best_model_dir
+    assert {row["loss_type"] for row in result.table} == {"sigmoid", "ipo"}

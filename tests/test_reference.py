@@ -1,0 +1,151 @@
+"""Reference modes: in-worker, PEFT (base with adapters disabled) and precomputed by an actor pool."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from raydpo import DPOConfig, DPOTrainer
+from raydpo.data.batching import collate
+from raydpo.logprobs import ld_weights, model_completion_logps
+from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
+from raydpo.reference.precompute import ReferenceLogps
+from raydpo.train.loop import load_model, load_policy
+
+
+def tokenized_rows(model_dir, rows):
+    from transformers import AutoTokenizer
+
+    from raydpo.data.tokenize import tokenize_row
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenize_row(tokenizer, row) for row in rows], tokenizer.pad_token_id
+
+
+def lora(**overrides):
+    from peft import LoraConfig
+
+    values = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, task_type="CAUSAL_LM")
+    values.update(overrides)
+    return LoraConfig(**values)
+
+
+def test_peft_reference_is_the_base_model(tiny_model, parity_rows):
+    rows, pad = tokenized_rows(tiny_model, parity_rows[:6])
+    config = DPOConfig(max_length=32)
+    batch = collate(rows, pad, 32)
+    policy = load_policy(tiny_model, config, lora(init_lora_weights=False))  # random B: adapters change outputs
+    assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    base = InWorkerReference(load_model(tiny_model, config), {}).logps(batch)
+    with torch.no_grad():
+        adapted = model_completion_logps(policy, batch)
+    assert not torch.allclose(adapted, base)
+    reference = PeftBaseReference(policy).logps(batch)
+    assert torch.equal(reference, base)
+    assert not reference.requires_grad
+    with torch.no_grad():  # adapters are enabled again afterwards
+        assert torch.equal(model_completion_logps(policy, batch), adapted)
+
+
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_actor_logps_equal_the_in_worker_reference(tiny_model, parity_rows, ld_alpha):
+    rows, pad = tokenized_rows(tiny_model, parity_rows[:10])
+    config = DPOConfig(max_length=12, ld_alpha=ld_alpha)  # truncates some sequences
+    import pyarrow as pa
+
+    scorer = ReferenceLogps(tiny_model, config.to_dict(), pad)
+    # one precompute batch of 10 against two micro-batches of 4 and 6, padded to other lengths
+    table = scorer(pa.Table.from_pylist(rows))
+    scored = table.to_pylist()
+    reference = InWorkerReference(load_model(tiny_model, config), {})
+    for part in (slice(0, 4), slice(4, 10)):
+        batch = collate(scored[part], pad, 12)
+        if ld_alpha is not None:
+            batch["logp_weights"] = ld_weights(batch["completion_mask"], ld_alpha)
+        expected = reference.logps(batch)
+        got = PrecomputedReference().logps(batch)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    # rows that already carry both columns keep them; a missing value is computed
+    given = [dict(r, ref_chosen_logps=-1.5, ref_rejected_logps=-2.5) for r in rows[:3]]
+    mixed = scorer(pa.Table.from_pylist(given + [dict(r, ref_chosen_logps=None, ref_rejected_logps=None)
+                                                 for r in rows[3:5]])).to_pylist()
+    assert [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in mixed[:3]] == [(-1.5, -2.5)] * 3
+    assert mixed[3]["ref_chosen_logps"] == pytest.approx(scored[3]["ref_chosen_logps"], abs=1e-5)
+
+
+def e2e_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), num_workers=2, max_steps=2, logging_steps=1, save_steps=100,
+                  per_device_train_batch_size=4, learning_rate=1e-2, max_length=32)
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_peft_trains_an_adapter_and_leaves_the_base(ray_session, tiny_model, parity_rows, tmp_path, stage):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    original = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().items()}
+    trainer = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "new", zero_stage=stage),
+                         train_dataset=parity_rows[:40], peft_config=lora())
+    out = trainer.train()
+    assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B starts at 0: policy == base
+    assert out.history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    adapter = tmp_path / "adapter"
+    trainer.save_model(str(adapter))
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())  # the base folder is untouched
+    model = PeftModel.from_pretrained(base, str(adapter))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained
+    for name, value in model.get_base_model().state_dict().items():  # base weights bit-identical
+        if "lora_" not in name:
+            assert torch.equal(value, original[name.replace(".base_layer", "")]), name
+
+    # an adapter folder as `model` continues training; the reference is still the bare base
+    resumed = DPOTrainer(str(adapter), args=e2e_config(tmp_path / "continued", zero_stage=stage, max_steps=1),
+                         train_dataset=parity_rows[:40]).train()
+    first = resumed.history[0]
+    assert first["rewards/margins"] != pytest.approx(0.0, abs=1e-6)  # the policy starts from the trained adapter
+    assert math.isfinite(first["loss"])
+
+
+def test_precomputed_equals_in_worker(ray_session, tiny_model, parity_rows, tmp_path):
+    rows = parity_rows[:40]
+    in_worker = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "in_worker", max_steps=1),
+                           train_dataset=rows).train()
+    precomputed = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "precomputed", max_steps=1,
+                                                         precompute_ref_log_probs=True, precompute_ref_batch_size=7,
+                                                         precompute_ref_num_actors=2,
+                                                         precompute_ref_resources={"CPU": 0.5}),
+                             train_dataset=rows).train()
+    a, b = in_worker.history[0], precomputed.history[0]
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert b[name] == pytest.approx(a[name], abs=1e-5), name
+
+
+def test_rows_carrying_reference_columns_keep_them(ray_session, tiny_model, parity_rows):
+    from transformers import AutoTokenizer
+
+    from raydpo.data.tokenize import prepare_dataset
+    from raydpo.reference.precompute import needs_precompute, precompute_ref_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = DPOConfig(max_length=32, precompute_ref_log_probs=True, precompute_ref_batch_size=3)
+    given = [dict(r, ref_chosen_logps=-1.0 - i, ref_rejected_logps=-2.0) for i, r in enumerate(parity_rows[:4])]
+    data = prepare_dataset(given + parity_rows[4:8], tokenizer, config)
+    out = precompute_ref_logps(data.dataset, tiny_model, config, tokenizer.pad_token_id).take_all()
+    assert [r["ref_chosen_logps"] for r in out[:4]] == [-1.0, -2.0, -3.0, -4.0]
+    assert all(r["ref_rejected_logps"] == -2.0 for r in out[:4])
+    assert all(r["ref_chosen_logps"] is not None and r["ref_chosen_logps"] < 0 for r in out[4:])
+    assert [r["prompt_ids"] for r in out] == [r["prompt_ids"] for r in data.dataset.take_all()]  # order kept
+    complete = prepare_dataset(given, tokenizer, config)
+    assert not needs_precompute(complete.dataset)  # every row has them: no actor starts
+
+    bad = [dict(parity_rows[0], ref_chosen_logps="x", ref_rejected_logps=-1.0)]
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        prepare_dataset(bad, tokenizer, DPOConfig(max_length=32))
