@@ -69,3 +69,13 @@ def tiny_defaults(args, **config):
               "skip_bad_rows": True}  # real rows: a few prompts fill max_length
     values.update(config)
     return values
+
+
+def train_and_save(model: str, config, dataset):
+    """One DPOTrainer run; the trained policy is saved to config.output_dir."""
+    from raydpo import DPOTrainer
+
+    trainer = DPOTrainer(model, args=config, train_dataset=dataset)
+    output = trainer.train()
+    trainer.save_model()
+    return output

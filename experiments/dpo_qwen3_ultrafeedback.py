@@ -4,9 +4,9 @@
     python experiments/dpo_qwen3_ultrafeedback.py --tiny           # offline: tiny model, hh-rlhf rows
 """
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
 
-from raydpo import DPOConfig, DPOTrainer
+from raydpo import DPOConfig
 
 
 def main(argv=None):
@@ -29,10 +29,7 @@ def main(argv=None):
                            per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-7,
                            model_init_kwargs={"dtype": "bfloat16"}, deepspeed={"bf16": {"enabled": True}},
                            gradient_checkpointing=True)
-    trainer = DPOTrainer(model, args=config, train_dataset=dataset)
-    output = trainer.train()
-    trainer.save_model()
-    return output
+    return train_and_save(model, config, dataset)
 
 
 if __name__ == "__main__":

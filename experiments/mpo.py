@@ -4,9 +4,9 @@
     python experiments/mpo.py --tiny     # offline: tiny model, OpenAI-format preference rows
 """
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
 
-from raydpo import DPOConfig, DPOTrainer
+from raydpo import DPOConfig
 
 MPO = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
 
@@ -24,10 +24,7 @@ def main(argv=None):
         config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-MPO", num_workers=args.num_workers or 8,
                            use_gpu=True, max_steps=args.max_steps or -1, num_train_epochs=1, learning_rate=5e-7,
                            model_init_kwargs={"dtype": "bfloat16"}, deepspeed={"bf16": {"enabled": True}}, **MPO)
-    trainer = DPOTrainer(model, args=config, train_dataset=dataset)
-    output = trainer.train()
-    trainer.save_model()
-    return output
+    return train_and_save(model, config, dataset)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ reaches the chat template, and `tool_calls` stay in the messages.
 
 import json
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
 
-from raydpo import DPOConfig, DPOTrainer
+from raydpo import DPOConfig
 
 
 def to_preference(row: dict) -> dict:
@@ -37,10 +37,7 @@ def main(argv=None):
         config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-tools", num_workers=args.num_workers or 2,
                            use_gpu=True, max_steps=args.max_steps or -1, num_train_epochs=3, learning_rate=1e-6,
                            model_init_kwargs={"dtype": "bfloat16"}, deepspeed={"bf16": {"enabled": True}})
-    trainer = DPOTrainer(model, args=config, train_dataset=rows)
-    output = trainer.train()
-    trainer.save_model()
-    return output
+    return train_and_save(model, config, rows)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     raydpo train CONFIG.yaml [--set key=value ...]
     raydpo sweep CONFIG.yaml [--set key=value ...]
     raydpo report RESULTS_DIR [--metric loss --mode min]
+    raydpo data DATA --model MODEL [--max-length 1024 --truncation-mode keep_start]
 
 A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`
 (and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
@@ -84,6 +85,16 @@ def report(args) -> int:
     return 0
 
 
+def data(args) -> int:
+    from raydpo import cluster
+    from raydpo.data.tokenize import summarize_dataset
+    from raydpo.train.trainer import load_tokenizer
+
+    cluster.connect()
+    print(summarize_dataset(args.data, load_tokenizer(args.model), args.max_length, args.truncation_mode))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydpo", description="Ray-native DPO training and sweeps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--metric", default="loss")
     sub.add_argument("--mode", default="min", choices=["min", "max"])
     sub.set_defaults(handler=report)
+    sub = commands.add_parser("data", help="summarize a preference dataset: rows, format, token lengths, "
+                                           "truncated and skipped rows")
+    sub.add_argument("data", help="a .jsonl/.json/.parquet file (or .gz), or a folder of them")
+    sub.add_argument("--model", required=True, help="the model (or tokenizer) path whose tokenizer to use")
+    sub.add_argument("--max-length", type=int, default=1024)
+    sub.add_argument("--truncation-mode", default="keep_start", choices=["keep_start", "keep_end"])
+    sub.set_defaults(handler=data)
     return parser
 
 

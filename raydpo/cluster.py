@@ -16,6 +16,8 @@ def connect(address: Optional[str] = None) -> None:
     if address:
         ray.init(address=address)
     else:
+        # Ray Train otherwise echoes every worker print through its logger too: each line twice.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ray.init(address="local", dashboard_host="127.0.0.1")
 
 

@@ -15,7 +15,6 @@ from typing import Optional
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = os.path.join("~", ".cache", "raydpo", "smollm2-135m-instruct")
-MODEL_ALIASES = ("smollm2",)
 
 
 def _smollm2_package_dir() -> str:
@@ -38,10 +37,10 @@ def smollm2_path(cache_dir: Optional[str] = None) -> str:
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
 
+    package_dir = _smollm2_package_dir()  # before the slow imports: a missing package fails at once
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    package_dir = _smollm2_package_dir()
     gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
     config = gguf_model.config

@@ -35,3 +35,14 @@ def test_train_from_yaml(ray_session, tiny_model, parity_rows, tmp_path, capsys)
     assert cli(["train", path, "--set", "beta=0.2", "--set", "num_workers=1"]) == 0
     assert "done: 2 steps" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "out" / "config.json")
+
+
+def test_data_summary(ray_session, tiny_model, parity_rows, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in parity_rows[:10]))
+    # "<s> number d d d is" is 6 tokens, plus " even</s>": every pair is longer than 7 and gets cut.
+    assert cli(["data", str(data), "--model", tiny_model, "--max-length", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 10" in out and "truncated: 10 pair(s)" in out and "standard" in out

@@ -15,16 +15,9 @@ from conftest import SHARED_DATA
 from raydpo import DPOConfig
 from raydpo.data.formats import extract_prompt, normalize
 from raydpo.data.sources import to_ray_dataset
+from raydpo.models import CHATML_TEMPLATE as CHATML
 from raydpo.data.tokenize import prepare_dataset, summarize_dataset, tokenize_dataset, tokenize_pair
 
-CHATML = (
-    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% endif %}"
-    "{% for call in m.get('tool_calls') or [] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SKY = [{"role": "user", "content": "What color is the sky?"}]
 BLUE = [{"role": "assistant", "content": "It is blue."}]
 GREEN = [{"role": "assistant", "content": "It is green."}]

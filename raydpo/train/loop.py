@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict):
                             config.truncation_mode)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
-            _require_finite("loss", float(loss), step + 1)
+            _require_finite("loss", float(loss.detach()), step + 1)
             engine.backward(loss)
             boundary = (micro + 1) % accumulation == 0
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
