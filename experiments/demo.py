@@ -15,11 +15,10 @@ import os
 import shutil
 import time
 
-# Set before Ray starts, so the workers inherit them: no progress bars (weight loading, Ray Data), and
-# Ray Train's print patch off (it echoes each worker print a second time through its logger).
+# Set before Ray starts, so the workers inherit them: no progress bars (weight loading, Ray Data).
+# (raydpo.cluster.connect already turns Ray Train's duplicate-print patch off.)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 from raydpo import DPOConfig, DPOTrainer
 from raydpo.models import resolve_model

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES
 

@@ -1,7 +1,6 @@
 """Long runs without a person watching: a killed worker loses nothing, NaN stops before a checkpoint."""
 
 import glob
-import os
 import threading
 import time
 

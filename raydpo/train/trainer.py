@@ -78,8 +78,7 @@ def export_model(checkpoint: str, output_dir: str) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return tokenizer
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _load_model_tokenizer(path: str, trust_remote_code: bool = False):

@@ -89,7 +89,7 @@ def _concurrency(base: DPOConfig, requested: Optional[int]) -> int:
     return max(1, int(resources.get("CPU", 1) // (2 * base.num_workers)))
 
 
-def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: str):  # noqa: D401
+def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: str):
     """One trial: a whole Ray Train run reporting to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
