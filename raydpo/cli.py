@@ -5,8 +5,8 @@
     raydpo report RESULTS_DIR [--metric loss --mode min]
     raydpo data DATA --model MODEL [--max-length 1024 --truncation-mode keep_start]
 
-A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`
-(and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
+A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`,
+`eval_dataset` (and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
 `max_concurrent_trials`, `name`). Unknown keys and bad values exit with status 2 naming the key.
 """
 
@@ -20,7 +20,7 @@ import yaml
 
 from raydpo.config import DPOConfig
 
-RUN_KEYS = {"model", "ref_model", "train_dataset"}
+RUN_KEYS = {"model", "ref_model", "train_dataset", "eval_dataset"}
 SWEEP_KEYS = {"search_space", "scheduler", "metric", "mode", "num_samples", "max_concurrent_trials", "name"}
 
 
@@ -58,10 +58,12 @@ def train(args) -> int:
 
     config, run = load_config(args.config, args.set, set())
     trainer = DPOTrainer(run["model"], ref_model=run.get("ref_model"), args=config,
-                         train_dataset=run["train_dataset"])
+                         train_dataset=run["train_dataset"], eval_dataset=run.get("eval_dataset"))
     output = trainer.train()
     saved = trainer.save_model()
-    print(f"[raydpo] done: {output.metrics.get('global_step')} steps, loss {output.metrics.get('loss'):.4f}; "
+    final = ", ".join(f"{name} {output.metrics[name]:.4f}" for name in ("loss", "eval/loss", "eval/rewards/accuracies")
+                      if name in output.metrics)
+    print(f"[raydpo] done: {output.metrics.get('global_step')} steps, {final}; "
           f"checkpoint {output.checkpoint}; model saved to {saved}")
     return 0
 

@@ -27,6 +27,7 @@ SCHEDULERS = (
     "warmup_stable_decay",
 )
 TRUNCATION_MODES = ("keep_start", "keep_end")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 @dataclass
@@ -54,6 +55,20 @@ class DPOConfig:
     # --- logging and checkpoints ---
     logging_steps: int = 10
     save_steps: int = 500
+
+    # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
+    # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
+    # epoch's end; the last step is always evaluated. Metrics are logged under "eval/".
+    eval_strategy: str = "no"
+    eval_steps: Optional[int] = None
+    per_device_eval_batch_size: int = 8
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None  # e.g. "loss" or "rewards/accuracies" (of the eval set)
+    greater_is_better: Optional[bool] = None  # None: False for a loss, True otherwise
+    # Stop after this many evaluations without an improvement larger than the threshold
+    # (transformers' EarlyStoppingCallback arguments).
+    early_stopping_patience: Optional[int] = None
+    early_stopping_threshold: float = 0.0
 
     # --- DPO ---
     beta: float = 0.1
@@ -142,6 +157,7 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.max_length must be None or >= 2, got {self.max_length!r}")
         self._check_loss_options()
         self._check_reference_options()
+        self._check_eval_options()
         if self.max_failures < -1:
             raise ValueError(f"DPOConfig.max_failures must be >= -1, got {self.max_failures!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -205,6 +221,38 @@ class DPOConfig:
             if getattr(self, name) != default:
                 raise NotImplementedError(f"DPOConfig.{name}={getattr(self, name)!r}: raydpo does not implement "
                                           f"this yet; leave it at {default!r}")
+
+    def _check_eval_options(self):
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ValueError(f"DPOConfig.eval_strategy must be one of {EVAL_STRATEGIES}, got {self.eval_strategy!r}")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ValueError(f"DPOConfig.eval_steps must be None or > 0, got {self.eval_steps!r}")
+        if self.per_device_eval_batch_size <= 0:
+            raise ValueError(f"DPOConfig.per_device_eval_batch_size must be > 0, got {self.per_device_eval_batch_size!r}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ValueError(f"DPOConfig.early_stopping_patience must be None or > 0, "
+                             f"got {self.early_stopping_patience!r}")
+        if (self.load_best_model_at_end or self.early_stopping_patience) and self.eval_strategy == "no":
+            raise ValueError("DPOConfig.load_best_model_at_end and early_stopping_patience need evaluation: "
+                             "set eval_strategy to 'steps' or 'epoch' (and pass an eval_dataset)")
+        if self.load_best_model_at_end and self.eval_strategy == "steps" and self.save_steps % self.eval_interval:
+            # as in transformers: every checkpoint must carry the eval metric it is ranked by
+            raise ValueError(f"DPOConfig.load_best_model_at_end needs save_steps ({self.save_steps}) to be a "
+                             f"multiple of eval_steps ({self.eval_interval})")
+
+    @property
+    def eval_interval(self) -> int:
+        """Optimizer steps between evaluations under eval_strategy="steps"."""
+        return self.eval_steps or self.logging_steps
+
+    @property
+    def best_metric(self) -> tuple:
+        """(metric name in the logs, "max" or "min") that ranks checkpoints and drives early stopping."""
+        name = self.metric_for_best_model or "loss"
+        for prefix in ("eval/", "eval_"):  # accept "eval_loss" as transformers spells it
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        greater = self.greater_is_better if self.greater_is_better is not None else not name.endswith("loss")
+        return f"eval/{name}", "max" if greater else "min"
 
     @property
     def loss_types(self) -> list:

@@ -24,6 +24,7 @@ from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_mod
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
+from raydpo.train.schedule import EarlyStopping, eval_due, log_due, save_due
 
 
 def load_model(path: str, config: DPOConfig):
@@ -83,6 +84,27 @@ def dpo_step(engine, reference, batch: dict, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
+def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, pad_token_id: int) -> dict:
+    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval/<metric>"."""
+    window, size = MetricsWindow(), config.per_device_eval_batch_size
+    engine.eval()
+    with torch.no_grad():
+        # Every worker runs num_batches forwards (ZeRO-3 gathers weights collectively); a worker whose
+        # shard ran out repeats a batch that counts for nothing.
+        for i in range(num_batches):
+            chunk = rows[i * size:(i + 1) * size]
+            batch = collate(chunk or rows[:size], pad_token_id, config.max_length, config.truncation_mode)
+            loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
+            if chunk:
+                window.add(loss, per_pair, per_token, int(batch["attention_mask"].sum()))
+            else:
+                window.add_padding()
+    engine.train()
+    metrics = window.reduce()
+    del metrics["num_tokens"]  # a training counter
+    return {f"eval/{name}": value for name, value in metrics.items()}
+
+
 def _setup_worker(config: DPOConfig):
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
@@ -102,23 +124,26 @@ def train_loop_per_worker(loop_config: dict):
     rank, world_size = _setup_worker(config)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
+    eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan["eval_batches"] else []
 
     ds_config = build_deepspeed_config(config, world_size)
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
     reference = build_reference(loop_config, config, ds_config, engine)
 
-    step, window = 0, MetricsWindow()
+    step, window, state = 0, MetricsWindow(), {}
     resume_from = loop_config.get("resume_from_checkpoint")
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
     if ray_checkpoint is not None or resume_from:
         with (ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(resume_from)) as directory:
             state = checkpoint.restore(engine, directory, rank)
         step, window.total_tokens = state["global_step"], state["num_tokens"]
+    early_stopping = EarlyStopping(config, state.get("early_stopping"))
 
     engine.train()
     accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
-    while step < plan["total_steps"]:
+    finished = step >= plan["total_steps"]
+    while not finished:
         epoch = step // steps_per_epoch
         order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
                             config.seed, epoch)
@@ -140,19 +165,28 @@ def train_loop_per_worker(loop_config: dict):
             grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
             _require_finite("grad_norm", float(grad_norm), step)
             last = step == plan["total_steps"]
-            metrics = None
-            if step % config.logging_steps == 0 or last:
+            metrics = {}
+            if log_due(step, config, last):
                 metrics = window.reduce()
-                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
-                               epoch=step / steps_per_epoch, global_step=step)
+                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate)
+            evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
+            if evaluated:
+                metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config,
+                                        loop_config["pad_token_id"]))
+                last = early_stopping.update(metrics) or last
+            if metrics:
+                metrics.update(epoch=step / steps_per_epoch, global_step=step)
                 if rank == 0:
                     ray.get(loop_config["history"].append.remote(metrics))
                     print(_progress_line(metrics, plan["total_steps"]), flush=True)
-            if step % config.save_steps == 0 or last:
-                _save_and_report(engine, rank, ds_config, loop_config, metrics, step, window.total_tokens)
-            elif metrics is not None:
+            if save_due(step, config, last, evaluated):
+                _save_and_report(engine, rank, ds_config, loop_config, metrics, step,
+                                 {"global_step": step, "num_tokens": window.total_tokens,
+                                  "early_stopping": early_stopping.state()})
+            elif metrics:
                 ray.train.report(metrics)
-            if last:
+            if last:  # the final step, or early stopping
+                finished = True
                 break
 
 
@@ -163,10 +197,9 @@ def _require_finite(name: str, value: float, step: int):
                                  f"latest checkpoint (before step {step}) is intact")
 
 
-def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, total_tokens):
+def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state: dict):
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"],
-                        {"global_step": step, "num_tokens": total_tokens})
+        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"], state)
         ray.train.report(metrics or {"global_step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{step}")
@@ -179,7 +212,7 @@ def _grad_norm(model) -> float:
 
 
 def _progress_line(metrics: dict, total_steps: int) -> str:
-    return (f"[raydpo] step {metrics['global_step']}/{total_steps} epoch {metrics['epoch']:.2f} "
-            f"loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
-            f"margin {metrics['rewards/margins']:.4f} lr {metrics['learning_rate']:.2e}")
-
+    shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "learning_rate": "lr",
+             "eval/loss": "eval_loss", "eval/rewards/accuracies": "eval_acc"}
+    values = " ".join(f"{label} {metrics[name]:.4g}" for name, label in shown.items() if name in metrics)
+    return f"[raydpo] step {metrics['global_step']}/{total_steps} epoch {metrics['epoch']:.2f} {values}"

@@ -78,6 +78,11 @@ class MetricsWindow:
         self.token_rows.append(values[1 + len(PAIR_METRICS):])
         self.tokens += tokens
 
+    def add_padding(self):
+        """A forward that counts for nothing (an eval worker with fewer rows than the others): it keeps
+        the per-micro-batch token rows lined up across workers."""
+        self.token_rows.append([0.0] * 2 * len(TOKEN_METRICS))
+
     def reduce(self) -> dict:
         names = ["loss", *PAIR_METRICS]
         flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens]

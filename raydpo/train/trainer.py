@@ -54,19 +54,22 @@ class MetricsHistory:
             step = metrics.get("global_step", len(self.rows))
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and name != "global_step":
-                    self.writer.add_scalar(f"train/{name}", value, step)
+                    self.writer.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
             self.writer.flush()
 
     def get(self) -> list:
         return self.rows
 
 
-def training_plan(num_rows: int, config: DPOConfig) -> dict:
+def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> dict:
     micro_batches = micro_batches_per_epoch(num_rows, config.num_workers, config.per_device_train_batch_size,
                                             config.gradient_accumulation_steps)
     steps_per_epoch = micro_batches // config.gradient_accumulation_steps
     total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-    return {"micro_batches_per_epoch": micro_batches, "steps_per_epoch": steps_per_epoch, "total_steps": total}
+    # every worker runs as many eval forwards as the largest eval shard needs
+    eval_batches = micro_batches_per_epoch(num_eval_rows, config.num_workers, config.per_device_eval_batch_size, 1)
+    return {"micro_batches_per_epoch": micro_batches, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "eval_batches": eval_batches}
 
 
 def export_model(checkpoint: str, output_dir: str) -> str:
@@ -92,17 +95,21 @@ def _load_model_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
-        callbacks=(), peft_config=None) -> TrainOutput:
+        callbacks=(), peft_config=None, eval_data=None) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
 
     ref_model=None with PEFT (peft_config, or an adapter folder as model): the reference is the base
-    with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first."""
+    with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first
+    (to the eval split too). With load_best_model_at_end the returned checkpoint is the best one."""
+    datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
     if config.precompute_ref_log_probs:
         from raydpo.reference.precompute import precompute_ref_logps
 
-        train_data = dataclasses.replace(train_data, dataset=precompute_ref_logps(
-            train_data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
-    plan = training_plan(train_data.num_rows, config)
+        datasets = {name: dataclasses.replace(data, dataset=precompute_ref_logps(
+            data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
+            for name, data in datasets.items()}
+    plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
+    best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = _absolute(config.storage_path or config.output_dir)
     history = MetricsHistory.remote(os.path.join(storage_path, run_name, "tensorboard"))
@@ -127,15 +134,18 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             name=run_name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.save_total_limit),
+            # ranked by the eval metric with load_best_model_at_end, so save_total_limit keeps the best
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.save_total_limit,
+                                                         checkpoint_score_attribute=best_metric,
+                                                         checkpoint_score_order=best_mode),
             callbacks=list(callbacks)),
-        datasets={"train": train_data.dataset},
+        datasets={name: data.dataset for name, data in datasets.items()},
         dataset_config=ContiguousShards(),
     )
     result = trainer.fit()
     rows = ray.get(history.get.remote())
-    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
-                       checkpoint=result.checkpoint.path if result.checkpoint else None)
+    final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
+    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -159,8 +169,6 @@ class DPOTrainer:
             raise TypeError("model must be a local path or model id (what from_pretrained takes)")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
-        if eval_dataset is not None:
-            raise NotImplementedError("eval_dataset is not supported yet")
         self.args = args or DPOConfig()
         self.model = os.fspath(model)
         # PEFT (peft_config, or a saved adapter folder as model): a new adapter, or that one continued
@@ -181,13 +189,19 @@ class DPOTrainer:
 
         cluster.connect(self.args.ray_address)
         self.train_data = prepare_dataset(train_dataset, self.processing_class, self.args)
-        if self.train_data.num_rows < self.args.num_workers:
-            raise ValueError(f"train_dataset has {self.train_data.num_rows} rows, fewer than "
-                             f"num_workers={self.args.num_workers}: every worker needs at least one pair")
+        self.eval_data = (prepare_dataset(eval_dataset, self.processing_class, self.args, split_name="eval_dataset")
+                          if eval_dataset is not None else None)
+        for name, data in (("train_dataset", self.train_data), ("eval_dataset", self.eval_data)):
+            if data is not None and data.num_rows < self.args.num_workers:
+                raise ValueError(f"{name} has {data.num_rows} rows, fewer than num_workers={self.args.num_workers}: "
+                                 "every worker needs at least one pair")
+        if self.eval_data is None and (self.args.load_best_model_at_end or self.args.early_stopping_patience):
+            raise ValueError("load_best_model_at_end and early_stopping_patience need an eval_dataset")
 
     def train(self) -> TrainOutput:
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
-                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config)
+                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config,
+                         eval_data=self.eval_data)
         return self.state
 
     def save_model(self, output_dir: Optional[str] = None) -> str:

@@ -34,9 +34,9 @@ def write_report(results_dir: str, metric: str = "loss", mode: str = "min") -> T
     metrics = list(dict.fromkeys([metric, *SUMMARY_METRICS]))
     table = []
     for trial in trials:
-        last = trial["history"][-1] if trial["history"] else {}
         row = {"trial_id": trial["trial_id"], **trial["config"]}
-        row.update({m: last.get(m) for m in metrics})
+        # each metric's latest value (eval metrics are logged only at evaluation steps)
+        row.update({m: next((h[m] for h in reversed(trial["history"]) if m in h), None) for m in metrics})
         row["status"] = "error" if trial.get("error") else "ok"
         table.append(row)
     scored = [(row[metric], trial) for row, trial in zip(table, trials) if row.get(metric) is not None]

@@ -96,7 +96,7 @@ def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: s
     trial_id = tune.get_context().get_trial_id()
     config = DPOConfig(**{**base, **trial_config, "run_name": trial_id, "storage_path": trials_dir})
     fit(config, trainer.model, trainer.ref_model, trainer.processing_class, trainer.train_data,
-        callbacks=[TuneReportCallback()], peft_config=getattr(trainer, "peft_config", None))
+        callbacks=[TuneReportCallback()], peft_config=trainer.peft_config, eval_data=trainer.eval_data)
 
 
 TUNE_FIELDS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
@@ -114,7 +114,7 @@ def _trial_record(result, space: dict) -> dict:
     checkpoints = [row.get("checkpoint_path") for row in rows if isinstance(row.get("checkpoint_path"), str)]
     return {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
             "config": {k: result.config.get(k) for k in space},
-            "history": [h for h in history if "loss" in h],
+            "history": [h for h in history if "loss" in h or "eval/loss" in h],
             "checkpoint": checkpoints[-1] if checkpoints else None,
             "error": str(result.error) if result.error else None}
 
@@ -122,22 +122,28 @@ def _trial_record(result, space: dict) -> dict:
 def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPOConfig] = None,
           ref_model: Optional[str] = None, processing_class=None, scheduler: Optional[str] = "asha",
           metric: Optional[str] = None, mode: Optional[str] = None, num_samples: int = 1,
-          max_concurrent_trials: Optional[int] = None, name: Optional[str] = None) -> SweepResult:
+          max_concurrent_trials: Optional[int] = None, name: Optional[str] = None,
+          eval_dataset: Any = None) -> SweepResult:
     """Run one DPO training per sampled config; return the results table and the best model.
 
     search_space maps DPOConfig fields to Tune samplers (tune.grid_search, tune.choice, ...) or to
-    the YAML form accepted by search_space_from_dict. metric/mode default to train loss, minimised.
+    the YAML form accepted by search_space_from_dict. metric/mode default to the eval set's
+    "eval/rewards/accuracies", maximised, with an eval_dataset (evaluated every logging step unless
+    eval_strategy says otherwise), else train loss, minimised.
     """
     base = args or DPOConfig()
+    if eval_dataset is not None and base.eval_strategy == "no":
+        base = dataclasses.replace(base, eval_strategy="steps")
     space = search_space_from_dict(search_space)
-    metric, mode = metric or "loss", mode or ("min" if (metric or "loss") == "loss" else "max")
+    metric = metric or ("eval/rewards/accuracies" if eval_dataset is not None else "loss")
+    mode = mode or ("min" if metric.endswith("loss") else "max")
     results_dir = os.path.abspath(os.path.join(base.output_dir, name or time.strftime("sweep-%Y%m%d-%H%M%S")))
     trials_dir = os.path.join(results_dir, "trials")
     os.makedirs(trials_dir, exist_ok=True)
 
     # Tokenize once on the driver (paths resolved before Tune changes each trial's working directory).
     trainer = DPOTrainer(model, ref_model=ref_model, args=base, train_dataset=train_dataset,
-                         processing_class=processing_class)
+                         eval_dataset=eval_dataset, processing_class=processing_class)
     concurrency = _concurrency(base, max_concurrent_trials)
     base_values = base.to_dict()
     if base.resources_per_worker is None and not base.use_gpu:
@@ -156,7 +162,17 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
                                     mode=None if scheduler in ("asha", "pbt") else mode),
         run_config=tune.RunConfig(name="tune", storage_path=results_dir, verbose=1),
     )
-    grid = tuner.fit()
+    # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
+    # Tune's strict check would fail the trial on the first one.
+    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    try:
+        grid = tuner.fit()
+    finally:
+        if strict is None:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+        else:
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
     records = [_trial_record(result, space) for result in grid]
     if all(r["error"] for r in records):
         raise RuntimeError(f"every trial failed; first error: {records[0]['error']}")
