@@ -92,7 +92,8 @@ class DPOConfig:
     model_init_kwargs: Optional[dict] = None
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
-    # Reference-model options of TRL; sync_ref_model is refused for now (see _check_reference_options).
+    # Reference-model options of TRL. sync_ref_model (TR-DPO): every ref_model_sync_steps the in-worker
+    # reference becomes alpha * policy + (1 - alpha) * reference.
     precompute_ref_log_probs: bool = False
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
@@ -216,11 +217,6 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.precompute_ref_num_actors must be > 0, got {self.precompute_ref_num_actors!r}")
         if self.precompute_ref_resources is not None and not isinstance(self.precompute_ref_resources, dict):
             raise ValueError("DPOConfig.precompute_ref_resources must be a dict like {'CPU': 1} or None")
-        not_yet = {"sync_ref_model": False, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512}
-        for name, default in not_yet.items():
-            if getattr(self, name) != default:
-                raise NotImplementedError(f"DPOConfig.{name}={getattr(self, name)!r}: raydpo does not implement "
-                                          f"this yet; leave it at {default!r}")
 
     def _check_eval_options(self):
         if self.eval_strategy not in EVAL_STRATEGIES:

@@ -1,5 +1,6 @@
 """Reference modes: in-worker, PEFT (base with adapters disabled) and precomputed by an actor pool."""
 
+import dataclasses
 import json
 import math
 
@@ -149,3 +150,52 @@ def test_rows_carrying_reference_columns_keep_them(ray_session, tiny_model, pari
     bad = [dict(parity_rows[0], ref_chosen_logps="x", ref_rejected_logps=-1.0)]
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         prepare_dataset(bad, tokenizer, DPOConfig(max_length=32))
+
+
+def test_tr_dpo_sync_mixes_the_weights(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    config = DPOConfig()
+    reference = InWorkerReference(load_model(tiny_model, config), {})
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    reference.sync_from(policy, alpha=0.25)
+    for name, value in reference.model.state_dict().items():
+        expected = 0.25 * policy.state_dict()[name] + 0.75 * before[name]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_tr_dpo_is_refused_with_peft(ray_session, tiny_model, parity_rows):
+    with pytest.raises(ValueError, match="sync_ref_model.*PEFT"):
+        DPOTrainer(tiny_model, args=DPOConfig(sync_ref_model=True, max_length=32), train_dataset=parity_rows[:4],
+                   peft_config=lora())
+
+
+def test_tr_dpo_reference_at_a_sync_step(ray_session, tiny_model, parity_rows, tmp_path):
+    """ZeRO-3 on 2 workers, where the reference is mixed shard by shard: at sync step 2 the saved
+    reference is alpha * policy(step 2) + (1 - alpha) * initial reference."""
+    from transformers import AutoModelForCausalLM
+
+    args = DPOConfig(output_dir=str(tmp_path), run_name="run", num_workers=2, zero_stage=3, max_steps=3,
+                     per_device_train_batch_size=4, learning_rate=1e-2, max_length=32, logging_steps=1,
+                     save_steps=1, sync_ref_model=True, ref_model_mixup_alpha=0.3, ref_model_sync_steps=2)
+    full = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:24]).train()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    policy_2 = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-2" / "model").state_dict()
+    for step, expected_mixed in ((1, False), (2, True), (3, True)):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / f"checkpoint-{step}" / "reference").state_dict()
+        for name, value in saved.items():
+            expected = 0.3 * policy_2[name] + 0.7 * initial[name] if expected_mixed else initial[name]
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-5, msg=f"step {step}: {name}")
+    assert any(not torch.equal(policy_2[n], initial[n]) for n in initial)  # the policy did move
+
+    # A resumed run continues from the saved (moved) reference, not the initial one.
+    resumed = DPOTrainer(tiny_model, args=dataclasses.replace(args, output_dir=str(tmp_path / "resumed")),
+                         train_dataset=parity_rows[:24],
+                         resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).train()
+    assert resumed.metrics["global_step"] == 3
+    assert resumed.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-5)
+    assert resumed.metrics["rewards/margins"] == pytest.approx(full.metrics["rewards/margins"], abs=1e-5)

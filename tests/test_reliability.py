@@ -1,6 +1,9 @@
 """Long runs without a person watching: a killed worker loses nothing, NaN stops before a checkpoint."""
 
 import glob
+import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -8,6 +11,7 @@ import psutil
 import pytest
 
 from raydpo import DPOConfig, DPOTrainer
+from raydpo.train.loop import SAVE_PREFIX
 
 
 def config(path, **overrides):
@@ -30,32 +34,56 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ray_session, t
     assert all(p.isfinite().all() for p in model.parameters())
 
 
-def _kill_a_worker_after(checkpoint_glob: str, killed: list):
-    deadline = time.time() + 300
-    while time.time() < deadline and not glob.glob(checkpoint_glob):
-        time.sleep(0.05)
+def _wait(condition, timeout=300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.005)
+
+
+def _kill_a_worker(killed: list):
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     if workers:
         workers[-1].kill()  # SIGKILL from outside, mid-run
         killed.append(workers[-1].pid)
 
 
-@pytest.mark.slow
-def test_killed_worker_restarts_from_checkpoint_and_matches(ray_session, tiny_model, parity_rows, tmp_path):
-    rows = parity_rows[:160]  # 20 steps per epoch on 2 workers x 4 pairs
-    steady = DPOTrainer(tiny_model, args=config(tmp_path / "steady", max_steps=30, save_steps=5, save_total_limit=2),
-                        train_dataset=rows).train()
-    assert len(glob.glob(str(tmp_path / "steady" / "run" / "checkpoint-*"))) == 2  # save_total_limit
+@pytest.fixture(scope="module")
+def steady_run(ray_session, tiny_model, parity_rows, tmp_path_factory):
+    """30 steps on 2 workers x 4 pairs (20 steps per epoch), never interrupted."""
+    path = tmp_path_factory.mktemp("steady")
+    out = DPOTrainer(tiny_model, args=config(path, max_steps=30, save_steps=5, save_total_limit=2),
+                     train_dataset=parity_rows[:160]).train()
+    assert len(glob.glob(str(path / "run" / "checkpoint-*"))) == 2  # save_total_limit
+    return out
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["after_checkpoint_5", "during_save_of_checkpoint_10"])
+def test_killed_worker_restarts_from_checkpoint_and_matches(steady_run, tiny_model, parity_rows, tmp_path, moment):
+    run_dir = tmp_path / "killed" / "run"
+    saving = os.path.join(tempfile.gettempdir(), f"{SAVE_PREFIX}*", "deepspeed")  # a worker's save in progress
     killed = []
-    watcher = threading.Thread(target=_kill_a_worker_after,
-                               args=(str(tmp_path / "killed" / "run" / "checkpoint-5"), killed))
+
+    def watch():
+        _wait(lambda: (run_dir / "checkpoint-5").exists())
+        if moment == "during_save_of_checkpoint_10":
+            _wait(lambda: not glob.glob(saving))  # checkpoint-5's save is over
+            _wait(lambda: glob.glob(saving))  # checkpoint-10's has begun
+        _kill_a_worker(killed)
+        saving_at_kill.append(bool(glob.glob(saving)))
+
+    saving_at_kill = []
+    watcher = threading.Thread(target=watch)
     watcher.start()
     restarted = DPOTrainer(tiny_model, args=config(tmp_path / "killed", max_steps=30, save_steps=5, max_failures=1),
-                           train_dataset=rows).train()
+                           train_dataset=parity_rows[:160]).train()
     watcher.join()
     assert killed, "no training worker was found to kill"
+    if moment == "during_save_of_checkpoint_10":
+        assert saving_at_kill == [True]
     assert [h["global_step"] for h in restarted.history] == list(range(1, 31))
-    assert restarted.metrics["global_step"] == steady.metrics["global_step"] == 30
-    assert restarted.metrics["loss"] == pytest.approx(steady.metrics["loss"], abs=1e-5)
-    assert restarted.metrics["num_tokens"] == steady.metrics["num_tokens"]
+    assert restarted.metrics["global_step"] == steady_run.metrics["global_step"] == 30
+    assert restarted.metrics["loss"] == pytest.approx(steady_run.metrics["loss"], abs=1e-5)
+    assert restarted.metrics["num_tokens"] == steady_run.metrics["num_tokens"]
+    for folder in glob.glob(os.path.dirname(saving)):  # the killed worker's half-written save
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,7 @@ Layout of one checkpoint folder (all workers' files merged by Ray Train):
   deepspeed/          engine.save_checkpoint (weights, optimizer, LR scheduler; sharded under ZeRO)
   rng_rank{r}.pt      each worker's torch RNG state
   model/              the policy as a plain transformers folder, with the tokenizer
+  reference/          with sync_ref_model (TR-DPO) only: the moving reference, as a transformers folder
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from raydpo.train.deepspeed import zero_stage
 
 DS_TAG = "deepspeed"
 MODEL_DIR = "model"
+REFERENCE_DIR = "reference"
 
 
-def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: dict):
+def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: dict, reference=None):
+    """`reference`: an InWorkerReference that TR-DPO updates, saved so a restart continues from it."""
     engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
     torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
     export_model(engine, os.path.join(directory, MODEL_DIR), rank, ds_config, tokenizer)
+    if reference is not None:
+        state_dict = reference.state_dict(rank)
+        if rank == 0:
+            reference.model.save_pretrained(os.path.join(directory, REFERENCE_DIR), state_dict=state_dict)
+
+
+def saved_reference(directory) -> str | None:
+    """The TR-DPO reference folder of a checkpoint, if it has one."""
+    path = os.path.join(directory, REFERENCE_DIR) if directory else None
+    return path if path and os.path.isdir(path) else None
 
 
 def restore(engine, directory: str, rank: int) -> dict:

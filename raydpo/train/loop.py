@@ -63,13 +63,16 @@ def load_policy(path: str, config: DPOConfig, peft_config=None):
     return model
 
 
-def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine):
-    """The reference mode, chosen once: the loop itself only calls `reference.logps(batch)`."""
+def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
+    """The reference mode, chosen once: the loop itself only calls `reference.logps(batch)` (and, for
+    TR-DPO, `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if loop_config.get("ref_model") is None and is_peft_model(engine.module):
         return PeftBaseReference(engine.module)  # the base with adapters disabled: no second model
     path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
+    if config.sync_ref_model:
+        path = checkpoint.saved_reference(resume_dir) or path
     return InWorkerReference(load_model(path, config), ds_config)
 
 
@@ -129,15 +132,16 @@ def train_loop_per_worker(loop_config: dict):
     ds_config = build_deepspeed_config(config, world_size)
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
-    reference = build_reference(loop_config, config, ds_config, engine)
 
     step, window, state = 0, MetricsWindow(), {}
-    resume_from = loop_config.get("resume_from_checkpoint")
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
-    if ray_checkpoint is not None or resume_from:
-        with (ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(resume_from)) as directory:
+    resume_from = ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(
+        loop_config.get("resume_from_checkpoint"))
+    with resume_from as directory:
+        reference = build_reference(loop_config, config, ds_config, engine, directory)
+        if directory:
             state = checkpoint.restore(engine, directory, rank)
-        step, window.total_tokens = state["global_step"], state["num_tokens"]
+            step, window.total_tokens = state["global_step"], state["num_tokens"]
     early_stopping = EarlyStopping(config, state.get("early_stopping"))
 
     engine.train()
@@ -162,6 +166,8 @@ def train_loop_per_worker(loop_config: dict):
             if not boundary:
                 continue
             step += 1
+            if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
+                reference.sync_from(engine.module, config.ref_model_mixup_alpha)
             grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
             _require_finite("grad_norm", float(grad_norm), step)
             last = step == plan["total_steps"]
@@ -182,12 +188,16 @@ def train_loop_per_worker(loop_config: dict):
             if save_due(step, config, last, evaluated):
                 _save_and_report(engine, rank, ds_config, loop_config, metrics, step,
                                  {"global_step": step, "num_tokens": window.total_tokens,
-                                  "early_stopping": early_stopping.state()})
+                                  "early_stopping": early_stopping.state()},
+                                 reference if config.sync_ref_model else None)
             elif metrics:
                 ray.train.report(metrics)
             if last:  # the final step, or early stopping
                 finished = True
                 break
+
+
+SAVE_PREFIX = "raydpo-checkpoint-"  # local folder a checkpoint is written to before Ray Train takes it
 
 
 def _require_finite(name: str, value: float, step: int):
@@ -197,9 +207,11 @@ def _require_finite(name: str, value: float, step: int):
                                  f"latest checkpoint (before step {step}) is intact")
 
 
-def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state: dict):
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"], state)
+def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state: dict, reference=None):
+    # Write, then publish: Ray Train makes it the latest checkpoint only after the whole folder is
+    # written and copied to storage, so a kill mid-save leaves the previous one as the latest.
+    with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX) as directory:
+        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"], state, reference)
         ray.train.report(metrics or {"global_step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{step}")

@@ -174,6 +174,9 @@ class DPOTrainer:
         # PEFT (peft_config, or a saved adapter folder as model): a new adapter, or that one continued
         self.peft_config = peft_config
         peft = peft_config is not None or is_adapter_dir(self.model)
+        if peft and self.args.sync_ref_model:  # as TRL: the reference is the base inside the PEFT model
+            raise ValueError("sync_ref_model (TR-DPO) cannot be combined with PEFT: the reference is the policy's "
+                             "base with adapters disabled, so there is no separate reference to update")
         if peft_config is not None and is_adapter_dir(self.model):
             raise ValueError(f"model {self.model!r} is a PEFT adapter folder, which training continues; "
                              "pass peft_config=None (or the base model to start a new adapter)")
