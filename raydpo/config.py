@@ -105,6 +105,9 @@ class DPOConfig:
     precompute_ref_batch_size: Optional[int] = None
     precompute_ref_num_actors: int = 1
     precompute_ref_resources: Optional[dict] = None
+    # Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), so a
+    # second run and every sweep trial skip the reference forward. None turns the cache off.
+    precompute_ref_cache_dir: Optional[str] = "~/.cache/raydpo/ref_logps"
     # --- end reference modes ---
 
     # --- Ray and DeepSpeed ---

@@ -152,6 +152,44 @@ def test_rows_carrying_reference_columns_keep_them(ray_session, tiny_model, pari
         prepare_dataset(bad, tokenizer, DPOConfig(max_length=32))
 
 
+def test_reference_cache_is_hit_and_invalidated(ray_session, tiny_model, parity_rows, tmp_path):
+    """A second precompute for the same reference, rows and settings runs no reference forward; a
+    changed reference model or tokenization setting computes again; clear() empties the cache."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from raydpo.data.tokenize import prepare_dataset
+    from raydpo.reference import cache as ref_cache
+    from raydpo.reference.precompute import precompute_ref_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cache_dir = str(tmp_path / "cache")
+
+    def run(model, **overrides):
+        config = DPOConfig(**{"max_length": 32, "precompute_ref_log_probs": True, "precompute_ref_batch_size": 4,
+                              "precompute_ref_cache_dir": cache_dir, **overrides})
+        data = prepare_dataset(parity_rows[:12], tokenizer, config)
+        out = precompute_ref_logps(data.dataset, model, config, tokenizer.pad_token_id)
+        forwards = "ReferenceLogps" in out.stats()  # the actor-pool stage ran
+        return [(r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in out.take_all()], forwards
+
+    first, forwards = run(tiny_model)
+    assert forwards and len(first) == 12
+    again, forwards = run(tiny_model)
+    assert not forwards and again == first
+    _, forwards = run(tiny_model, max_length=16)  # other truncation: other log-probs
+    assert forwards
+    other_model = shutil.copytree(tiny_model, tmp_path / "other_model")
+    _, forwards = run(str(other_model))
+    assert forwards
+    _, forwards = run(tiny_model, precompute_ref_cache_dir=None)  # cache off
+    assert forwards
+    assert ref_cache.clear(cache_dir) == 3
+    _, forwards = run(tiny_model)
+    assert forwards
+
+
 def test_tr_dpo_sync_mixes_the_weights(tiny_model):
     from transformers import AutoModelForCausalLM
 

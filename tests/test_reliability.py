@@ -87,3 +87,27 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(steady_run, tiny_mod
     assert restarted.metrics["num_tokens"] == steady_run.metrics["num_tokens"]
     for folder in glob.glob(os.path.dirname(saving)):  # the killed worker's half-written save
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Boom:
+    def __reduce__(self):  # unpickling this would run code: it must be refused
+        return (open, (str(_Boom.marker), "w"))
+
+
+def test_checkpoint_files_load_without_unpickling_code(tmp_path):
+    import pickle
+    import types
+
+    import torch
+
+    from raydpo.train.checkpoint import _weights_only_loads
+
+    _Boom.marker = tmp_path / "code-ran"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "evil": _Boom()}, path)
+    engine = types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace(load=None))
+    with _weights_only_loads(engine):
+        with pytest.raises(pickle.UnpicklingError):
+            engine.checkpoint_engine.load(str(path), map_location="cpu")
+    assert not _Boom.marker.exists()
+    assert engine.checkpoint_engine.load is None  # DeepSpeed's own loader is put back

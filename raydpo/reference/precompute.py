@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 
 from raydpo.config import DPOConfig
+from raydpo.reference import cache as ref_cache
 from raydpo.reference.precomputed import REF_COLUMNS
 
 
@@ -86,9 +87,23 @@ def actor_resources(config: DPOConfig) -> dict:
 def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig,
                          pad_token_id: int) -> "ray.data.Dataset":
     """The materialized dataset with REF_COLUMNS, in the same row order (so shards match the
-    in-worker run). Rows that already have both columns are not scored again."""
+    in-worker run). Rows that already have both columns are not scored again, and a result cached
+    in config.precompute_ref_cache_dir for the same reference, rows and settings is reused."""
     if not needs_precompute(dataset):
         return dataset
+    cache_dir = config.precompute_ref_cache_dir
+    key = ref_cache.cache_key(dataset, model_path, config) if cache_dir else None
+    cached = ref_cache.load(cache_dir, key) if key else None
+    if cached is not None:
+        print(f"[raydpo] reference log-probs: cache hit, no reference forward ({cache_dir}/{key})", flush=True)
+        return cached
+    result = _score(dataset, model_path, config, pad_token_id)
+    if key:
+        ref_cache.save(result, cache_dir, key)
+    return result
+
+
+def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
     resources = actor_resources(config)
     remote_args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
     if resources:

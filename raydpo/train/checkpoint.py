@@ -9,6 +9,7 @@ Layout of one checkpoint folder (all workers' files merged by Ray Train):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,9 +38,35 @@ def saved_reference(directory) -> str | None:
     return path if path and os.path.isdir(path) else None
 
 
+def _deepspeed_checkpoint_globals() -> list:
+    """The only non-tensor classes DeepSpeed puts in its checkpoint files (found by loading ZeRO 0-3
+    checkpoints with weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads(engine):
+    """DeepSpeed unpickles checkpoint files with weights_only=False; a checkpoint on shared storage
+    is not trusted code, so load with weights_only=True and an allowlist instead."""
+    checkpoint_engine = engine.checkpoint_engine
+    unsafe_load = checkpoint_engine.load
+    checkpoint_engine.load = lambda path, map_location=None: torch.load(path, map_location=map_location,
+                                                                       weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        checkpoint_engine.load = unsafe_load
+
+
 def restore(engine, directory: str, rank: int) -> dict:
     """Load engine state and this worker's RNG; returns the client state saved with it."""
-    _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
+    with _weights_only_loads(engine):
+        _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
     if client_state is None:
         raise ValueError(f"{directory} holds no raydpo DeepSpeed checkpoint (looked for tag {DS_TAG!r})")
     rng_path = os.path.join(directory, f"rng_rank{rank}.pt")

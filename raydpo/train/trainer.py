@@ -94,6 +94,14 @@ def _load_model_tokenizer(path: str, trust_remote_code: bool = False):
         return load_tokenizer(adapter_base(path), trust_remote_code)
 
 
+def with_reference_logps(data, config: DPOConfig, model: str, ref_model: Optional[str], tokenizer):
+    """TokenizedData with the reference columns added by the actor pool (or found in the cache)."""
+    from raydpo.reference.precompute import precompute_ref_logps
+
+    return dataclasses.replace(data, dataset=precompute_ref_logps(
+        data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
+
+
 def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
         callbacks=(), peft_config=None, eval_data=None) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
@@ -103,11 +111,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     (to the eval split too). With load_best_model_at_end the returned checkpoint is the best one."""
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
     if config.precompute_ref_log_probs:
-        from raydpo.reference.precompute import precompute_ref_logps
-
-        datasets = {name: dataclasses.replace(data, dataset=precompute_ref_logps(
-            data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
-            for name, data in datasets.items()}
+        datasets = {name: with_reference_logps(data, config, model, ref_model, tokenizer)
+                    for name, data in datasets.items()}
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")

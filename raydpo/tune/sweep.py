@@ -20,7 +20,7 @@ from ray import tune
 
 from raydpo import cluster
 from raydpo.config import DPOConfig
-from raydpo.train.trainer import DPOTrainer, export_model, fit
+from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -99,6 +99,9 @@ def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: s
         callbacks=[TuneReportCallback()], peft_config=trainer.peft_config, eval_data=trainer.eval_data)
 
 
+# Fields that change the reference log-probs: sweeping one means each trial precomputes its own.
+REFERENCE_SETTINGS = {"max_length", "truncation_mode", "ld_alpha", "model_init_kwargs"}
+
 TUNE_FIELDS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
                "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
                "iterations_since_restore", "should_checkpoint", "config", "checkpoint_path"}
@@ -144,6 +147,11 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     # Tokenize once on the driver (paths resolved before Tune changes each trial's working directory).
     trainer = DPOTrainer(model, ref_model=ref_model, args=base, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class)
+    if base.precompute_ref_log_probs and not set(space) & REFERENCE_SETTINGS:
+        # Every trial scores the same rows with the same reference: one actor-pool pass for all.
+        trainer.train_data, trainer.eval_data = (
+            with_reference_logps(data, base, trainer.model, trainer.ref_model, trainer.processing_class)
+            if data is not None else None for data in (trainer.train_data, trainer.eval_data))
     concurrency = _concurrency(base, max_concurrent_trials)
     base_values = base.to_dict()
     if base.resources_per_worker is None and not base.use_gpu:
