@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 
 import ray
 import ray.train
@@ -146,6 +147,7 @@ def train_loop_per_worker(loop_config: dict):
 
     engine.train()
     accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
+    window_started, window_start_step = time.perf_counter(), step
     finished = step >= plan["total_steps"]
     while not finished:
         epoch = step // steps_per_epoch
@@ -174,7 +176,9 @@ def train_loop_per_worker(loop_config: dict):
             metrics = {}
             if log_due(step, config, last):
                 metrics = window.reduce()
-                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate)
+                # wall seconds per optimizer step since the last log, evaluation and save excluded (a raydpo extra)
+                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
+                               step_time=(time.perf_counter() - window_started) / (step - window_start_step))
             evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
             if evaluated:
                 metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config,
@@ -192,6 +196,8 @@ def train_loop_per_worker(loop_config: dict):
                                  reference if config.sync_ref_model else None)
             elif metrics:
                 ray.train.report(metrics)
+            if metrics:
+                window_started, window_start_step = time.perf_counter(), step
             if last:  # the final step, or early stopping
                 finished = True
                 break

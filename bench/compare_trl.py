@@ -1,0 +1,263 @@
+"""raydpo against TRL 1.16's DPOTrainer on the same model, rows and batch, in one invocation.
+
+    .venv/bin/python bench/compare_trl.py [--steps 8] [--warmup 2] [--systems trl,raydpo-1,raydpo-2]
+
+The model is randomly initialised from a Qwen3 config (hidden 384, 6 layers, vocabulary 32k, tied
+embeddings: about 22M parameters) with a byte-level BPE tokenizer trained here on the hh-rlhf rows.
+The rows: hh-rlhf harmless-base pairs from ../shared/data (prompt extracted, as TRL does for implicit
+rows) alternating with random-token pairs of fixed lengths (128-token prompt, 128-token completions).
+Batch 4 pairs per optimizer step (raydpo on 2 workers: 2 per worker), max_length 256, fp32, sigmoid
+loss, the reference model in the step (TRL's default; raydpo's in-worker reference), no gradient
+checkpointing.
+
+Each system runs in its own process (so peak memory is its own): TRL in plain PyTorch, raydpo through
+its public DPOTrainer on an embedded local Ray. Reported, over the steps after the warm-up:
+- train tokens/s: non-pad tokens of chosen and rejected sequences (both systems' `num_tokens`) per second;
+- s/step: mean wall time per optimizer step;
+- peak RSS: the highest resident memory of the training processes (TRL's process; raydpo's Ray Train
+  workers summed, the driver and Ray's own daemons not counted), sampled every 0.1 s;
+- MFU: model FLOPs (bench/mfu.py) per second over the fp32 matmul rate measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+HH_RLHF = os.path.join(SHARED_DATA, "anthropics_hh-rlhf", "harmless-base", "test.jsonl.gz")
+BATCH, MAX_LENGTH, VOCAB = 4, 256, 32000
+
+
+def model_config():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=1)
+
+
+def hh_rlhf_rows(limit: int) -> list:
+    import gzip
+
+    from raydpo.data.formats import extract_prompt
+
+    rows = []
+    with gzip.open(HH_RLHF, "rt") as f:
+        for line in f:
+            pair = json.loads(line)
+            prompt, chosen, rejected = extract_prompt(pair["chosen"], pair["rejected"])
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            if len(rows) == limit:
+                break
+    return rows
+
+
+def build_model(directory: str) -> str:
+    """The benchmark model and tokenizer, saved once (the same seed gives the same weights)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen3ForCausalLM, PreTrainedTokenizerFast
+
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return directory
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in hh_rlhf_rows(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<pad>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(model_config()).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def benchmark_rows(model_dir: str, count: int) -> list:
+    """hh-rlhf pairs alternating with random-token pairs (128-token prompt and completions)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    ids = list(range(2, len(tokenizer)))
+    real = hh_rlhf_rows(count)
+    rows = []
+    for i in range(count):
+        if i % 2 == 0:
+            rows.append(real[i])
+        else:
+            text = lambda n: tokenizer.decode([rng.choice(ids) for _ in range(n)])  # noqa: E731
+            rows.append({"prompt": text(128), "chosen": text(128), "rejected": text(128)})
+    return rows
+
+
+class PeakMemory:
+    """Highest summed RSS of the processes `pick` selects, sampled on a thread."""
+
+    def __init__(self, pick):
+        self.pick, self.peak, self._stop = pick, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for process in self.pick(psutil):
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_train_workers(psutil):
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self._start = [], [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                self.tokens.append(logs["num_tokens"])
+
+    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, max_length=MAX_LENGTH,
+                     learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                     fp16=False, use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    with PeakMemory(lambda psutil: [psutil.Process()]) as memory:
+        timer = StepTimes()
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                             ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                             args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
+        trainer.train()
+    return {"step_times": timer.times, "num_tokens": timer.tokens, "peak_rss": memory.peak, "threads": torch.get_num_threads()}
+
+
+def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, workers: int) -> dict:
+    from raydpo import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=output_dir, num_workers=workers, per_device_train_batch_size=BATCH // workers,
+                     max_steps=steps, max_length=MAX_LENGTH, learning_rate=1e-5, logging_steps=1,
+                     save_steps=10 ** 6, seed=0)
+    trainer = DPOTrainer(model_dir, args=args, train_dataset=rows)
+    with PeakMemory(ray_train_workers) as memory:
+        out = trainer.train()
+    return {"step_times": [h["step_time"] for h in out.history], "num_tokens": [h["num_tokens"] for h in out.history],
+            "peak_rss": memory.peak}
+
+
+def summarize(name: str, result: dict, warmup: int, flops_per_token: float, ceiling: float) -> dict:
+    times, tokens = result["step_times"][warmup:], result["num_tokens"]
+    measured_tokens = tokens[-1] - tokens[warmup - 1] if warmup else tokens[-1]
+    seconds = sum(times)
+    return {"system": name, "s/step": seconds / len(times), "tokens/s": measured_tokens / seconds,
+            "peak GiB": result["peak_rss"] / 2 ** 30,
+            "MFU": measured_tokens * flops_per_token / seconds / ceiling}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2")
+    parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
+    args = parser.parse_args()
+
+    model_dir = build_model(os.path.join(args.work_dir, "qwen3-22m"))
+    rows = benchmark_rows(model_dir, BATCH * args.steps)
+    if args.run:
+        with tempfile.TemporaryDirectory() as output_dir:
+            if args.run == "trl":
+                result = run_trl(model_dir, rows, args.steps, output_dir)
+            else:
+                result = run_raydpo(model_dir, rows, args.steps, output_dir, int(args.run.split("-")[1]))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from bench.mfu import matmul_flops_per_second, step_flops
+
+    ceiling = matmul_flops_per_second(os.cpu_count() or 1)
+    summaries = []
+    for system in args.systems.split(","):
+        started = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--run", system, "--steps", str(args.steps),
+                               "--work-dir", args.work_dir], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+            raise SystemExit(f"{system} failed (exit {proc.returncode})")
+        result = json.loads(lines[-1][len("RESULT "):])
+        # FLOPs per non-pad token, from this run's own rows (reference forward included in both systems)
+        lengths = token_lengths(model_dir, rows)
+        flops_per_token = step_flops(model_config(), lengths) / sum(lengths)
+        summaries.append(summarize(system, result, args.warmup, flops_per_token, ceiling))
+        print(f"[bench] {system}: {time.time() - started:.0f} s", flush=True)
+    print_table(summaries, ceiling)
+
+
+def token_lengths(model_dir: str, rows: list) -> list:
+    """Non-pad lengths of every chosen and rejected sequence, truncated as both systems do."""
+    from transformers import AutoTokenizer
+
+    from raydpo.data.tokenize import tokenize_row
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    for row in rows:
+        tokens = tokenize_row(tokenizer, row)
+        for side in ("chosen_ids", "rejected_ids"):
+            lengths.append(min(MAX_LENGTH, len(tokens["prompt_ids"]) + len(tokens[side])))
+    return lengths
+
+
+def print_table(summaries: list, ceiling: float):
+    trl = next((s for s in summaries if s["system"] == "trl"), None)
+    print(f"\nfp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s ({os.cpu_count()} threads)")
+    header = f"{'system':<10}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'tok/s vs TRL':>14}{'mem vs TRL':>12}"
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        speed = f"{s['tokens/s'] / trl['tokens/s']:.2f}x" if trl else "-"
+        memory = f"{s['peak GiB'] / trl['peak GiB']:.2f}x" if trl else "-"
+        print(f"{s['system']:<10}{s['s/step']:>9.2f}{s['tokens/s']:>10.1f}{s['peak GiB']:>10.2f}{s['MFU']:>7.1%}"
+              f"{speed:>14}{memory:>12}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Model FLOPs of a DPO step and the machine's matrix-multiply ceiling, for MFU.
+
+    .venv/bin/python bench/mfu.py [--threads 2] [--size 2048]
+
+Model FLOPs count useful work on non-pad tokens only:
+- a forward costs 2 FLOPs per weight-matrix parameter per token (the LM head included; the
+  embedding lookup is free) plus causal attention, 2 * layers * hidden * length^2 per sequence
+  (QK^T and AV over the lower triangle);
+- the policy runs forward and backward (3 forwards' worth), the reference one forward when it runs
+  in the step (not when its log-probs were precomputed);
+- chosen and rejected sequences are each counted whole (prompt included), as both systems compute them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def matmul_parameters(config) -> int:
+    """Weight-matrix parameters a token passes through: every layer's projections and the LM head."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q = hidden * config.num_attention_heads * head_dim
+    kv = 2 * hidden * config.num_key_value_heads * head_dim
+    o = config.num_attention_heads * head_dim * hidden
+    mlp = 3 * hidden * config.intermediate_size
+    return layers * (q + kv + o + mlp) + hidden * config.vocab_size
+
+
+def step_flops(config, sequence_lengths: list, reference_forward: bool = True) -> float:
+    """Model FLOPs of one optimizer step over these (non-pad) sequence lengths."""
+    n = matmul_parameters(config)
+    forward = sum(2 * n * t + 2 * config.num_hidden_layers * config.hidden_size * t * t for t in sequence_lengths)
+    return forward * (3 + (1 if reference_forward else 0))
+
+
+def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matmul rate at this thread count: the ceiling MFU is measured against."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm up
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args()
+    from bench.compare_trl import model_config
+
+    config = model_config()
+    rate = matmul_flops_per_second(args.threads, args.size)
+    lengths = [256] * 8  # batch 4: 4 chosen + 4 rejected sequences of 256 tokens
+    print(f"{'quantity':<44}{'value':>14}")
+    print(f"{'fp32 matmul ceiling, ' + str(args.threads) + ' threads (GFLOP/s)':<44}{rate / 1e9:>14.1f}")
+    print(f"{'matmul parameters (M)':<44}{matmul_parameters(config) / 1e6:>14.2f}")
+    print(f"{'step GFLOP, batch 4 x 256, with reference':<44}{step_flops(config, lengths) / 1e9:>14.1f}")
+    print(f"{'step GFLOP, batch 4 x 256, precomputed ref':<44}{step_flops(config, lengths, False) / 1e9:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
