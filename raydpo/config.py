@@ -82,6 +82,9 @@ class DPOConfig:
     discopop_tau: float = 0.05
     max_length: Optional[int] = 1024
     truncation_mode: str = "keep_start"
+    # transformers' name. raydpo's default is True: rows of similar length share a batch (seeded, so
+    # runs and restarts stay reproducible). False gives TRL's plain shuffle.
+    group_by_length: bool = True
     # --- data (raydpo extras; README "Data formats") ---
     # Skip rows that can't be trained on (malformed, or a prompt that fills max_length under
     # keep_start) with a warning that counts them, instead of raising on the first one.

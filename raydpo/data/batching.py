@@ -20,14 +20,35 @@ def micro_batches_per_epoch(num_rows: int, world_size: int, batch_size: int, acc
     return math.ceil(batches / accumulation) * accumulation
 
 
-def epoch_order(shard_size: int, num_batches: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
+GROUP_SPAN = 50  # batches per length-sorted group: wide enough to match lengths, narrow enough to stay random
+
+
+def epoch_order(shard_size: int, num_batches: int, batch_size: int, seed: int, epoch: int,
+                lengths: Optional[Sequence[int]] = None) -> List[List[int]]:
     """Row indices of each micro-batch for one epoch: a seeded shuffle, wrapped around to fill the
-    last batches (like torch's DistributedSampler pads by repeating rows)."""
+    last batches (like torch's DistributedSampler pads by repeating rows).
+
+    With `lengths` (group_by_length), each run of GROUP_SPAN batches of the shuffle is sorted by
+    length before it is cut into batches, and the batches are then shuffled: rows of similar length
+    share a batch, so little compute goes to padding (transformers' LengthGroupedSampler idea)."""
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(shard_size, generator=generator).tolist()
     needed = num_batches * batch_size
     order = (order * math.ceil(needed / shard_size))[:needed]
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+    if lengths is not None:
+        span = GROUP_SPAN * batch_size
+        order = [i for start in range(0, needed, span)
+                 for i in sorted(order[start:start + span], key=lambda i: -lengths[i])]
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(num_batches, generator=generator).tolist()]
+    return batches
+
+
+def row_length(row: dict, max_length: Optional[int]) -> int:
+    """Padded length a row asks of its batch: its longer side, truncated."""
+    longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+    return min(longest, max_length) if max_length else longest
 
 
 def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> list:

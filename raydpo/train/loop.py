@@ -17,7 +17,7 @@ import ray.train
 import torch
 
 from raydpo.config import DPOConfig
-from raydpo.data.batching import collate, epoch_order
+from raydpo.data.batching import collate, epoch_order, row_length
 from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
 from raydpo.losses import dpo_loss, rewards
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
@@ -100,7 +100,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
             batch = collate(chunk or rows[:size], pad_token_id, config.max_length, config.truncation_mode)
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             if chunk:
-                window.add(loss, per_pair, per_token, int(batch["attention_mask"].sum()))
+                window.add(loss, per_pair, per_token, batch["attention_mask"])
             else:
                 window.add_padding()
     engine.train()
@@ -129,6 +129,7 @@ def train_loop_per_worker(loop_config: dict):
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
     eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan["eval_batches"] else []
+    lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
 
     ds_config = build_deepspeed_config(config, world_size)
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
@@ -152,7 +153,7 @@ def train_loop_per_worker(loop_config: dict):
     while not finished:
         epoch = step // steps_per_epoch
         order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
-                            config.seed, epoch)
+                            config.seed, epoch, lengths)
         for micro in range((step - epoch * steps_per_epoch) * accumulation, len(order)):
             batch = collate([rows[i] for i in order[micro]], loop_config["pad_token_id"], config.max_length,
                             config.truncation_mode)
@@ -164,7 +165,7 @@ def train_loop_per_worker(loop_config: dict):
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
             unclipped_norm = _grad_norm(engine.module) if boundary and zero_stage(ds_config) == 0 else None
             engine.step()
-            window.add(loss, per_pair, per_token, int(batch["attention_mask"].sum()))
+            window.add(loss, per_pair, per_token, batch["attention_mask"])
             if not boundary:
                 continue
             step += 1

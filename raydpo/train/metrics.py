@@ -63,9 +63,11 @@ class MetricsWindow:
         self.pairs = 0
         self.micro_batches = 0
         self.tokens = 0.0
+        self.positions = 0.0  # padded batch positions, for padding_fraction
 
-    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, tokens: int):
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, attention_mask: torch.Tensor):
         self.micro_batches += 1
+        self.positions += attention_mask.numel()
         self.device = loss.device  # NCCL all-reduces only device tensors
         self.pairs += len(per_pair["rewards/chosen"])
         # One device-to-host copy per micro-batch.
@@ -76,7 +78,7 @@ class MetricsWindow:
         for name, value in zip(PAIR_METRICS, values[1:]):
             self.sums[name] += value
         self.token_rows.append(values[1 + len(PAIR_METRICS):])
-        self.tokens += tokens
+        self.tokens += int(attention_mask.sum())
 
     def add_padding(self):
         """A forward that counts for nothing (an eval worker with fewer rows than the others): it keeps
@@ -85,14 +87,14 @@ class MetricsWindow:
 
     def reduce(self) -> dict:
         names = ["loss", *PAIR_METRICS]
-        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens]
+        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens, self.positions]
         rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(TOKEN_METRICS))
         values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
         if dist.is_available() and dist.is_initialized():
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
-        *sums, pairs, micro_batches, tokens = values[:len(flat)].tolist()
+        *sums, pairs, micro_batches, tokens, positions = values[:len(flat)].tolist()
         rows = values[len(flat):].reshape(-1, len(TOKEN_METRICS), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
@@ -102,5 +104,6 @@ class MetricsWindow:
         means = ratios.mean(0).tolist() if len(ratios) else [0.0] * len(TOKEN_METRICS)
         out.update(zip(TOKEN_METRICS, means))
         out["num_tokens"] = self.total_tokens
+        out["padding_fraction"] = 1.0 - tokens / positions if positions else 0.0  # a raydpo extra
         self._reset()
         return out
