@@ -11,6 +11,7 @@ completion token at position 0 is never scored (as in TRL).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -109,8 +110,32 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
     return completion_stats(logits, input_ids, completion_mask, weights, chunk_size=chunk_size).logps
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the underlying transformers model takes `logits_to_keep` (DeepSpeed and PEFT wrappers
+    pass keyword arguments through)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _completion_view(model, batch: dict):
+    """(logits, input_ids, completion_mask, weights), cut to the positions from the first one any
+    sequence needs: logits at position t score token t + 1, and prompt tokens are never scored, so
+    the LM head (most of a small model's FLOPs, and a [N, T, V] tensor) skips the shared prompt part."""
+    input_ids, completion_mask, weights = batch["input_ids"], batch["completion_mask"], batch.get("logp_weights")
+    scored = completion_mask[:, 1:].any(0)
+    first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
+    kwargs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False}
+    if first > 0 and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
+    else:
+        first = 0
+    logits = model(**kwargs).logits
+    cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
+    return logits, cut(input_ids), cut(completion_mask), cut(weights)
 
 
 def model_completion_logps(model, batch: dict) -> torch.Tensor:
@@ -118,14 +143,14 @@ def model_completion_logps(model, batch: dict) -> torch.Tensor:
 
     A batch may carry `logp_weights` (see `ld_weights`); the reference must use the same weights as
     the policy, and reads them from the batch."""
-    return completion_logps(_logits(model, batch), batch["input_ids"], batch["completion_mask"],
-                            weights=batch.get("logp_weights"))
+    logits, input_ids, completion_mask, weights = _completion_view(model, batch)
+    return completion_logps(logits, input_ids, completion_mask, weights=weights)
 
 
 def model_completion_stats(model, batch: dict, wpo: bool = False) -> CompletionStats:
     """The policy's forward: sequence log-probs and the token metrics, in one chunked pass."""
-    return completion_stats(_logits(model, batch), batch["input_ids"], batch["completion_mask"],
-                            weights=batch.get("logp_weights"), metrics=True, wpo=wpo)
+    logits, input_ids, completion_mask, weights = _completion_view(model, batch)
+    return completion_stats(logits, input_ids, completion_mask, weights=weights, metrics=True, wpo=wpo)
 
 
 def ld_weights(completion_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:

@@ -45,3 +45,32 @@ def test_collate_layout_and_truncation():
     end = collate(rows, pad_token_id=0, max_length=4, truncation_mode="keep_end")
     assert end["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 9, 2]]
     assert end["completion_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_model_forward_skips_the_shared_prompt_and_changes_nothing(tiny_model):
+    """The LM head runs only from the first position any sequence scores (logits_to_keep); the
+    log-probs, token metrics and gradients equal those of the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.logprobs import completion_stats, model_completion_stats
+
+    rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2]},
+            {"prompt_ids": [1, 5, 6, 4], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+    batch = collate(rows, pad_token_id=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out.logits.shape[1]))
+
+    cut = model_completion_stats(model, batch)
+    cut.logps.sum().backward()
+    cut_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = completion_stats(full_logits, batch["input_ids"], batch["completion_mask"], metrics=True)
+    full.logps.sum().backward()
+
+    assert seen[0] == batch["input_ids"].shape[1] - 3  # positions 0-2 predict prompt tokens of every row
+    for name in ("logps", "entropy", "mean_logits", "correct", "tokens"):
+        torch.testing.assert_close(getattr(cut, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(cut_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
