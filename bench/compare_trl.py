@@ -168,12 +168,27 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
     return {"step_times": timer.times, "num_tokens": timer.tokens, "peak_rss": memory.peak, "threads": torch.get_num_threads()}
 
 
-def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, workers: int) -> dict:
+def raydpo_options(system: str) -> dict:
+    """"raydpo-2" -> 2 workers; "-z0" a ZeRO stage; "-pre" precomputed reference log-probs."""
+    parts = system.split("-")[1:]
+    options = {"num_workers": int(parts[0])}
+    for part in parts[1:]:
+        if part.startswith("z"):
+            options["zero_stage"] = int(part[1:])
+        elif part == "pre":  # computed by the actor pool before training (and cached); not in s/step
+            options.update(precompute_ref_log_probs=True, precompute_ref_cache_dir=None)
+        else:
+            raise SystemExit(f"unknown raydpo system option {part!r} in {system!r}")
+    return options
+
+
+def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, system: str) -> dict:
     from raydpo import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=output_dir, num_workers=workers, per_device_train_batch_size=BATCH // workers,
+    options = raydpo_options(system)
+    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH // options["num_workers"],
                      max_steps=steps, max_length=MAX_LENGTH, learning_rate=1e-5, logging_steps=1,
-                     save_steps=10 ** 6, seed=0)
+                     save_steps=10 ** 6, seed=0, **options)
     trainer = DPOTrainer(model_dir, args=args, train_dataset=rows)
     with PeakMemory(ray_train_workers) as memory:
         out = trainer.train()
@@ -194,7 +209,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2")
+    parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-z0,raydpo-1-z0-pre",
+                        help="trl, and raydpo-<workers>[-z<ZeRO stage>][-pre]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = parser.parse_args()
@@ -206,7 +222,7 @@ def main():
             if args.run == "trl":
                 result = run_trl(model_dir, rows, args.steps, output_dir)
             else:
-                result = run_raydpo(model_dir, rows, args.steps, output_dir, int(args.run.split("-")[1]))
+                result = run_raydpo(model_dir, rows, args.steps, output_dir, args.run)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -225,7 +241,7 @@ def main():
         result = json.loads(lines[-1][len("RESULT "):])
         # FLOPs per non-pad token, from this run's own rows (reference forward included in both systems)
         lengths = token_lengths(model_dir, rows)
-        flops_per_token = step_flops(model_config(), lengths) / sum(lengths)
+        flops_per_token = step_flops(model_config(), lengths, reference_forward="-pre" not in system) / sum(lengths)
         summaries.append(summarize(system, result, args.warmup, flops_per_token, ceiling))
         print(f"[bench] {system}: {time.time() - started:.0f} s", flush=True)
     print_table(summaries, ceiling)

@@ -122,8 +122,9 @@ class DPOConfig:
     # A DeepSpeed config: a dict or a path to a JSON file. None uses raydpo's default; "auto" values
     # and missing batch / accumulation / clipping / optimizer fields are filled from this config.
     deepspeed: Optional[Union[dict, str]] = None
-    # ZeRO stage used when the DeepSpeed config does not set one.
-    zero_stage: int = 2
+    # ZeRO stage used when the DeepSpeed config does not set one. None: 0 for a single worker (nothing
+    # to shard, and ZeRO's gradient bucketing costs ~25% of a CPU step), 2 for several.
+    zero_stage: Optional[int] = None
     # Where Ray Train persists checkpoints (local path or URI). None: output_dir.
     storage_path: Optional[str] = None
     # Ray cluster to join. None: RAY_ADDRESS if set, else an embedded local Ray.
@@ -169,8 +170,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.max_failures must be >= -1, got {self.max_failures!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"DPOConfig.save_total_limit must be None or >= 1, got {self.save_total_limit!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"DPOConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"DPOConfig.zero_stage must be None, 0, 1, 2 or 3, got {self.zero_stage!r}")
         if isinstance(self.deepspeed, str) and not os.path.isfile(self.deepspeed):
             raise ValueError(f"DPOConfig.deepspeed: no DeepSpeed config file at {self.deepspeed!r}")
         if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):

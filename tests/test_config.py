@@ -33,3 +33,10 @@ def test_deepspeed_config_fills_auto_and_keeps_user_values():
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3  # the user's stage wins over zero_stage
     assert build_deepspeed_config(DPOConfig(zero_stage=1), 1)["zero_optimization"]["stage"] == 1
+
+
+def test_zero_stage_defaults_to_0_alone_and_2_with_several_workers():
+    from raydpo.train.deepspeed import build_deepspeed_config
+
+    assert build_deepspeed_config(DPOConfig(), 1)["zero_optimization"]["stage"] == 0
+    assert build_deepspeed_config(DPOConfig(num_workers=2), 2)["zero_optimization"]["stage"] == 2

@@ -21,7 +21,7 @@ def build_deepspeed_config(config: DPOConfig, world_size: int) -> dict:
     _fill(ds, "train_batch_size", config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size)
     _fill(ds, "gradient_clipping", config.max_grad_norm)
     zero = ds.setdefault("zero_optimization", {})
-    _fill(zero, "stage", config.zero_stage)
+    _fill(zero, "stage", config.zero_stage if config.zero_stage is not None else (0 if world_size == 1 else 2))
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     params = optimizer.setdefault("params", {})
     _fill(params, "lr", config.learning_rate)
