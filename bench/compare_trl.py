@@ -35,14 +35,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 HH_RLHF = os.path.join(SHARED_DATA, "anthropics_hh-rlhf", "harmless-base", "test.jsonl.gz")
-BATCH, MAX_LENGTH, VOCAB = 4, 256, 32000
+VOCAB = 32000
+# "cpu": the issue's shape for this machine. "gpu": bench/gpu_check.sh on an H100/H200 (Qwen3-0.6B's
+# shape with this vocabulary, bf16, sequence 1024).
+PROFILES = {
+    "cpu": {"name": "qwen3-22m", "hidden": 384, "intermediate": 1024, "layers": 6, "heads": 6, "kv_heads": 2,
+            "batch": 4, "max_length": 256, "bf16": False, "gpu": False},
+    "gpu": {"name": "qwen3-0.6b-shape", "hidden": 1024, "intermediate": 3072, "layers": 28, "heads": 16,
+            "kv_heads": 8, "batch": 8, "max_length": 1024, "bf16": True, "gpu": True},
+}
+PROFILE = PROFILES[os.environ.get("RAYDPO_BENCH_PROFILE", "cpu")]  # set by --profile before anything runs
 
 
 def model_config():
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=VOCAB, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                       num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+    p = PROFILE
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
+                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                       head_dim=64 if p["hidden"] < 1024 else 128, max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=1)
 
 
@@ -83,7 +94,7 @@ def build_model(directory: str) -> str:
 
 
 def benchmark_rows(model_dir: str, count: int) -> list:
-    """hh-rlhf pairs alternating with random-token pairs (128-token prompt and completions)."""
+    """hh-rlhf pairs alternating with random-token pairs (prompt and completions of max_length / 2)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -96,7 +107,8 @@ def benchmark_rows(model_dir: str, count: int) -> list:
             rows.append(real[i])
         else:
             text = lambda n: tokenizer.decode([rng.choice(ids) for _ in range(n)])  # noqa: E731
-            rows.append({"prompt": text(128), "chosen": text(128), "rejected": text(128)})
+            half = PROFILE["max_length"] // 2
+            rows.append({"prompt": text(half), "chosen": text(half), "rejected": text(half)})
     return rows
 
 
@@ -140,6 +152,7 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.bfloat16 if PROFILE["bf16"] else torch.float32
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -155,17 +168,19 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
             if logs and "num_tokens" in logs:
                 self.tokens.append(logs["num_tokens"])
 
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, max_length=MAX_LENGTH,
-                     learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                     fp16=False, use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=PROFILE["batch"], max_steps=steps,
+                     max_length=PROFILE["max_length"], learning_rate=1e-5, logging_steps=1, save_strategy="no",
+                     report_to="none", bf16=PROFILE["bf16"], fp16=False, use_cpu=not PROFILE["gpu"],
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
     with PeakMemory(lambda psutil: [psutil.Process()]) as memory:
         timer = StepTimes()
-        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                             ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                             ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
                              args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
         trainer.train()
-    return {"step_times": timer.times, "num_tokens": timer.tokens, "peak_rss": memory.peak, "threads": torch.get_num_threads()}
+    return {"step_times": timer.times, "num_tokens": timer.tokens, "peak_rss": memory.peak,
+            "peak_gpu": torch.cuda.max_memory_allocated() if PROFILE["gpu"] else 0}
 
 
 def raydpo_options(system: str) -> dict:
@@ -186,14 +201,16 @@ def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, system: 
     from raydpo import DPOConfig, DPOTrainer
 
     options = raydpo_options(system)
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH // options["num_workers"],
-                     max_steps=steps, max_length=MAX_LENGTH, learning_rate=1e-5, logging_steps=1,
-                     save_steps=10 ** 6, seed=0, **options)
+    if PROFILE["bf16"]:
+        options["deepspeed"] = {"bf16": {"enabled": True}}
+    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=PROFILE["batch"] // options["num_workers"],
+                     max_steps=steps, max_length=PROFILE["max_length"], learning_rate=1e-5, logging_steps=1,
+                     save_steps=10 ** 6, seed=0, use_gpu=PROFILE["gpu"], **options)
     trainer = DPOTrainer(model_dir, args=args, train_dataset=rows)
     with PeakMemory(ray_train_workers) as memory:
         out = trainer.train()
     return {"step_times": [h["step_time"] for h in out.history], "num_tokens": [h["num_tokens"] for h in out.history],
-            "peak_rss": memory.peak}
+            "peak_rss": memory.peak, "peak_gpu": out.history[-1].get("peak_gpu_memory", 0)}
 
 
 def summarize(name: str, result: dict, warmup: int, flops_per_token: float, ceiling: float) -> dict:
@@ -201,7 +218,7 @@ def summarize(name: str, result: dict, warmup: int, flops_per_token: float, ceil
     measured_tokens = tokens[-1] - tokens[warmup - 1] if warmup else tokens[-1]
     seconds = sum(times)
     return {"system": name, "s/step": seconds / len(times), "tokens/s": measured_tokens / seconds,
-            "peak GiB": result["peak_rss"] / 2 ** 30,
+            "peak GiB": (result["peak_gpu"] or result["peak_rss"]) / 2 ** 30,
             "MFU": measured_tokens * flops_per_token / seconds / ceiling}
 
 
@@ -212,11 +229,15 @@ def main():
     parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-z0,raydpo-1-z0-pre",
                         help="trl, and raydpo-<workers>[-z<ZeRO stage>][-pre]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("RAYDPO_BENCH_PROFILE", "cpu"))
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = parser.parse_args()
+    os.environ["RAYDPO_BENCH_PROFILE"] = args.profile  # the subprocesses read the same profile
+    PROFILE.clear()
+    PROFILE.update(PROFILES[args.profile])
 
-    model_dir = build_model(os.path.join(args.work_dir, "qwen3-22m"))
-    rows = benchmark_rows(model_dir, BATCH * args.steps)
+    model_dir = build_model(os.path.join(args.work_dir, PROFILE["name"]))
+    rows = benchmark_rows(model_dir, PROFILE["batch"] * args.steps)
     if args.run:
         with tempfile.TemporaryDirectory() as output_dir:
             if args.run == "trl":
@@ -228,12 +249,12 @@ def main():
 
     from bench.mfu import matmul_flops_per_second, step_flops
 
-    ceiling = matmul_flops_per_second(os.cpu_count() or 1)
+    ceiling = matmul_flops_per_second(os.cpu_count() or 1, gpu_bf16=PROFILE["gpu"])
     summaries = []
     for system in args.systems.split(","):
         started = time.time()
         proc = subprocess.run([sys.executable, __file__, "--run", system, "--steps", str(args.steps),
-                               "--work-dir", args.work_dir], capture_output=True, text=True)
+                               "--work-dir", args.work_dir, "--profile", args.profile], capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -258,13 +279,15 @@ def token_lengths(model_dir: str, rows: list) -> list:
     for row in rows:
         tokens = tokenize_row(tokenizer, row)
         for side in ("chosen_ids", "rejected_ids"):
-            lengths.append(min(MAX_LENGTH, len(tokens["prompt_ids"]) + len(tokens[side])))
+            lengths.append(min(PROFILE["max_length"], len(tokens["prompt_ids"]) + len(tokens[side])))
     return lengths
 
 
 def print_table(summaries: list, ceiling: float):
     trl = next((s for s in summaries if s["system"] == "trl"), None)
-    print(f"\nfp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s ({os.cpu_count()} threads)")
+    kind = "bf16 GPU" if PROFILE["gpu"] else f"fp32, {os.cpu_count()} threads"
+    print(f"\n{PROFILE['name']}, batch {PROFILE['batch']}, max_length {PROFILE['max_length']}; "
+          f"matmul ceiling ({kind}): {ceiling / 1e9:.1f} GFLOP/s")
     header = f"{'system':<10}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'tok/s vs TRL':>14}{'mem vs TRL':>12}"
     print(header)
     print("-" * len(header))

@@ -37,22 +37,31 @@ def step_flops(config, sequence_lengths: list, reference_forward: bool = True) -
     return forward * (3 + (1 if reference_forward else 0))
 
 
-def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul rate at this thread count: the ceiling MFU is measured against."""
+def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 5, gpu_bf16: bool = False) -> float:
+    """Best matmul rate: fp32 on CPU at this thread count, or bf16 on the GPU (size 8192): the
+    ceiling MFU is measured against."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        if gpu_bf16:
+            size = max(size, 8192)
+            a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        else:
+            a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b  # warm up
-        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        best = min(_timed(lambda: a @ b, gpu_bf16) for _ in range(repeats))
     finally:
         torch.set_num_threads(previous)
     return 2 * size ** 3 / best
 
 
-def _timed(fn) -> float:
+def _timed(fn, synchronize: bool = False) -> float:
+    if synchronize:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if synchronize:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

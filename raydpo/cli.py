@@ -4,6 +4,7 @@
     raydpo sweep CONFIG.yaml [--set key=value ...]
     raydpo report RESULTS_DIR [--metric loss --mode min]
     raydpo data DATA --model MODEL [--max-length 1024 --truncation-mode keep_start]
+    raydpo push FOLDER REPO_ID [--private] [--base-model MODEL] [--config CONFIG.yaml]
 
 A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`,
 `eval_dataset` (and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import yaml
@@ -97,6 +99,26 @@ def data(args) -> int:
     return 0
 
 
+def push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from raydpo.hub import describe_dataset, folder_model_card, push_to_hub
+
+    if not os.path.isdir(args.folder):
+        raise FileNotFoundError(f"no model folder at {args.folder!r}")
+    config, run = load_config(args.config, [], set()) if args.config else (None, {})
+    card = folder_model_card(args.folder, base_model=args.base_model or run.get("model"), dpo_config=config,
+                             training_data=describe_dataset(run["train_dataset"]) if run else None)
+    # --private makes the repo private; without it the Hub's default (or the existing repo's setting) holds
+    try:
+        url = push_to_hub(args.folder, args.repo_id, model_card=card, private=True if args.private else None)
+    except HfHubHTTPError as error:  # no token, no write access, ...: the Hub's own message says which
+        print(f"raydpo push: upload failed: {error}", file=sys.stderr)
+        return 1
+    print(f"[raydpo] pushed {args.folder} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydpo", description="Ray-native DPO training and sweeps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-length", type=int, default=1024)
     sub.add_argument("--truncation-mode", default="keep_start", choices=["keep_start", "keep_end"])
     sub.set_defaults(handler=data)
+    sub = commands.add_parser("push", help="upload a saved model or adapter folder to the Hugging Face Hub "
+                                           "with a model card (HF_ENDPOINT and HF_TOKEN are honoured)")
+    sub.add_argument("folder", help="a folder written by `raydpo train` or DPOTrainer.save_model")
+    sub.add_argument("repo_id", help="the Hub repo, e.g. user/my-dpo-model (created if missing)")
+    sub.add_argument("--private", action="store_true", help="create the repo as private")
+    sub.add_argument("--base-model", help="the model training started from, for the card (default: what the "
+                                          "folder records, if anything)")
+    sub.add_argument("--config", help="the YAML config the folder was trained with: the card then states its "
+                                      "DPO settings, training data and model")
+    sub.set_defaults(handler=push)
     return parser
 
 

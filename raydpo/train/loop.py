@@ -180,6 +180,8 @@ def train_loop_per_worker(loop_config: dict):
                 # wall seconds per optimizer step since the last log, evaluation and save excluded (a raydpo extra)
                 metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
                                step_time=(time.perf_counter() - window_started) / (step - window_start_step))
+                if config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
+                    metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
             evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
             if evaluated:
                 metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config,

@@ -14,7 +14,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydpo import cluster
+from raydpo import cluster, hub
 from raydpo.config import DPOConfig
 from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.batching import micro_batches_per_epoch
@@ -194,6 +194,7 @@ class DPOTrainer:
             raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
         self.resume_from_checkpoint = resume_from_checkpoint
         self.state: Optional[TrainOutput] = None
+        self.train_dataset_description = hub.describe_dataset(train_dataset)  # for push_to_hub's card
 
         cluster.connect(self.args.ray_address)
         self.train_data = prepare_dataset(train_dataset, self.processing_class, self.args)
@@ -220,3 +221,14 @@ class DPOTrainer:
         output_dir = output_dir or self.args.output_dir
         return export_model(self.state.checkpoint, output_dir)
 
+    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None) -> str:
+        """Upload what save_model writes (the trained checkpoint's model/ folder) to the Hugging Face Hub,
+        with a model card naming the base model, the training data, the DPO config and the final metrics.
+        Returns the repo URL. The endpoint is huggingface_hub's (HF_ENDPOINT), the token its own by default."""
+        if self.state is None or self.state.checkpoint is None:
+            raise RuntimeError("push_to_hub needs a finished train() with a checkpoint: call trainer.train() first")
+        card = {"base_model": adapter_base(self.model) if is_adapter_dir(self.model) else self.model,
+                "training_data": f"{self.train_dataset_description}; {self.train_data.num_rows} pairs trained on",
+                "dpo_config": self.args, "metrics": self.state.metrics}
+        return hub.push_to_hub(os.path.join(self.state.checkpoint, MODEL_DIR), repo_id, model_card=card,
+                               token=token, private=private)
