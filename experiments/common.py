@@ -71,11 +71,11 @@ def tiny_defaults(args, **config):
     return values
 
 
-def train_and_save(model: str, config, dataset):
-    """One DPOTrainer run; the trained policy is saved to config.output_dir."""
+def train_and_save(model: str, config, dataset, peft_config=None):
+    """One DPOTrainer run; the trained policy (or PEFT adapter) is saved to config.output_dir."""
     from raydpo import DPOTrainer
 
-    trainer = DPOTrainer(model, args=config, train_dataset=dataset)
+    trainer = DPOTrainer(model, args=config, train_dataset=dataset, peft_config=peft_config)
     output = trainer.train()
     trainer.save_model()
     return output

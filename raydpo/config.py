@@ -85,6 +85,9 @@ class DPOConfig:
     # transformers' name. raydpo's default is True: rows of similar length share a batch (seeded, so
     # runs and restarts stay reproducible). False gives TRL's plain shuffle.
     group_by_length: bool = True
+    # raydpo: one sequence per pair (prompt + chosen + rejected, with a mask that keeps rejected from
+    # seeing chosen), so each prompt is computed once; used when truncation keeps every prompt whole.
+    share_prompt: bool = True
     # --- data (raydpo extras; README "Data formats") ---
     # Skip rows that can't be trained on (malformed, or a prompt that fills max_length under
     # keep_start) with a warning that counts them, instead of raising on the first one.

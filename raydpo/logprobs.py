@@ -113,18 +113,24 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the underlying transformers model takes `logits_to_keep` (DeepSpeed and PEFT wrappers
     pass keyword arguments through)."""
-    inner = getattr(model, "module", model)  # a DeepSpeed engine
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
 
 def _completion_view(model, batch: dict):
-    """(logits, input_ids, completion_mask, weights), cut to the positions from the first one any
-    sequence needs: logits at position t score token t + 1, and prompt tokens are never scored, so
-    the LM head (most of a small model's FLOPs, and a [N, T, V] tensor) skips the shared prompt part."""
+    """(logits, input_ids, completion_mask, weights) in `collate`'s [2B, ...] per-side layout, where
+    logits[:, t] scores input_ids[:, t + 1]. Two ways to get there, both skipping logits no token needs:
+
+    - standard batches: the LM head runs only from the first position any sequence scores (the
+      prompt part is never scored; the head is most of a small model's FLOPs and a [N, T, V] tensor);
+    - shared-prompt batches (`collate_shared_prompt`): the body runs once per pair, and the head only
+      on the hidden states that predict a completion token, gathered into the per-side layout.
+    """
+    if "gather_index" in batch:
+        return _shared_prompt_logits(model, batch), batch["side_input_ids"], batch["side_completion_mask"], \
+            batch.get("logp_weights")
     input_ids, completion_mask, weights = batch["input_ids"], batch["completion_mask"], batch.get("logp_weights")
     scored = completion_mask[:, 1:].any(0)
     first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
@@ -136,6 +142,38 @@ def _completion_view(model, batch: dict):
     logits = model(**kwargs).logits
     cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
     return logits, cut(input_ids), cut(completion_mask), cut(weights)
+
+
+def _unwrapped(model):
+    inner = getattr(model, "module", model)  # a DeepSpeed engine
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
+
+
+def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
+    """[2B, L, V] logits of the gathered positions. The model runs as usual (through its DeepSpeed
+    engine, so ZeRO-3 gathering and autocast apply) with logits_to_keep=1; a hook takes the body's
+    final hidden states, and the LM head then runs on the gathered rows only."""
+    inner = _unwrapped(model)
+    captured = []
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch["gather_index"]]
+    return inner.get_output_embeddings()(picked)
+
+
+def shares_prompt_safely(model) -> bool:
+    """The shared-prompt path applies the LM head itself: only for models whose logits are exactly
+    lm_head(final hidden state) and that take logits_to_keep (no soft-capping or logit scaling)."""
+    inner = _unwrapped(model)
+    config = getattr(inner, "config", None)
+    extras = [getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")]
+    return (_accepts_logits_to_keep(model) and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None
+            and all(value in (None, 1, 1.0) for value in extras))
 
 
 def model_completion_logps(model, batch: dict) -> torch.Tensor:

@@ -27,6 +27,14 @@ def test_training_scripts_run_tiny(ray_session, tmp_path, script):
 
 
 @pytest.mark.slow
+def test_lora_script_saves_an_adapter(ray_session, tmp_path):
+    output = load("dpo_qwen3_ultrafeedback").main(["--tiny", "--lora", "--output-dir", str(tmp_path),
+                                                   "--max-steps", "2"])
+    assert output.metrics["global_step"] == 2 and math.isfinite(output.metrics["loss"])
+    assert (tmp_path / "adapter_config.json").is_file() and not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.slow
 def test_sweep_script_runs_tiny(ray_session, tmp_path):
     result = load("sweep_beta_loss").main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
     assert len(result.table) == 4 and result.best_model_dir

@@ -74,3 +74,35 @@ def test_model_forward_skips_the_shared_prompt_and_changes_nothing(tiny_model):
         torch.testing.assert_close(getattr(cut, name), getattr(full, name), rtol=1e-5, atol=1e-5)
     for mine, reference in zip(cut_grads, (p.grad for p in model.parameters())):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_layout_equals_two_sequences(tiny_model):
+    """One prompt+chosen+rejected sequence per pair gives the two-sequence layout's log-probs, token
+    metrics, LD weights and gradients, with completions cut by keep_start truncation; keep_end
+    truncation that would cut the prompts differently falls back to two sequences."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.data.batching import token_counts
+    from raydpo.logprobs import ld_weights, model_completion_stats
+
+    rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
+            {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def run(batch):
+        model.zero_grad()
+        batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], 0.5)}
+        stats = model_completion_stats(model, batch)
+        (stats.logps.sum() + stats.token_logps.sum()).backward()
+        return stats, [p.grad.clone() for p in model.parameters()]
+
+    two = collate(rows, pad_token_id=0, max_length=9)
+    shared = collate(rows, pad_token_id=0, max_length=9, share_prompt=True)
+    assert "gather_index" in shared and shared["input_ids"].shape[0] == 2
+    assert token_counts(shared)[0] == token_counts(two)[0]  # TRL's count: prompts counted twice
+    (a, grads_a), (b, grads_b) = run(two), run(shared)
+    for name in ("logps", "token_logps", "tokens", "entropy", "mean_logits", "correct"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+    assert "gather_index" not in collate(rows, 0, max_length=6, truncation_mode="keep_end", share_prompt=True)

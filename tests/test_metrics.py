@@ -66,13 +66,13 @@ def test_bf16_logits_are_scored_in_float32():
 
 
 def micro_batch(seed, pairs=2):
-    """Random (loss, per-pair, per-token, attention mask [2 * pairs, 8]) for one micro-batch."""
+    """Random (loss, per-pair, per-token, (tokens, filled, positions) of a [2 * pairs, 8] batch)."""
     g = torch.Generator().manual_seed(seed)
     per_pair = {name: torch.randn(pairs, generator=g) for name in PAIR_METRICS}
     per_token = {name: (torch.rand((), generator=g) * 10, torch.randint(1, 9, (), generator=g).float())
                  for name in TOKEN_METRICS}
-    mask = (torch.rand(2 * pairs, 8, generator=g) < 0.7).long()
-    return torch.rand((), generator=g), per_pair, per_token, mask
+    tokens = int(((torch.rand(2 * pairs, 8, generator=g) < 0.7)).sum())
+    return torch.rand((), generator=g), per_pair, per_token, (tokens, tokens, 2 * pairs * 8)
 
 
 def expected_window(workers):
@@ -95,11 +95,11 @@ def test_window_one_worker():
         window.add(*b)
     out = window.reduce()
     assert {k: out[k] for k in expected_window([batches])} == pytest.approx(expected_window([batches]), rel=1e-6)
-    tokens = sum(int(b[3].sum()) for b in batches)
+    tokens = sum(b[3][0] for b in batches)
     assert out["num_tokens"] == tokens
     assert out["padding_fraction"] == pytest.approx(1 - tokens / (3 * 4 * 8))
     window.add(*micro_batch(9))
-    assert window.reduce()["num_tokens"] == tokens + int(micro_batch(9)[3].sum())  # running total
+    assert window.reduce()["num_tokens"] == tokens + micro_batch(9)[3][0]  # running total
 
 
 def _worker(rank, port, results):
@@ -124,7 +124,7 @@ def test_window_two_workers_token_weighted():
     for rank in range(2):
         got = results[rank]
         assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6)
-        assert got["num_tokens"] == sum(int(b[3].sum()) for w in workers for b in w)
+        assert got["num_tokens"] == sum(b[3][0] for w in workers for b in w)
     # Token-weighted across workers differs from the mean of the workers' own ratios.
     naive = sum(b[2]["entropy"][0].item() / b[2]["entropy"][1].item() for w in workers for b in w) / 6
     assert not math.isclose(naive, want["entropy"], rel_tol=1e-3)

@@ -1,5 +1,6 @@
 """TRL 1.16's DPOTrainer and raydpo, same model, reference model and rows: the first logged step's
-loss and metrics agree to 1e-4 relative, for every loss type and option.
+loss and metrics agree to 1e-4 relative, for every loss type and option, with raydpo's shared-prompt
+batches (its default) and once with TRL's two-sequence layout.
 
 TRL runs for real (one optimizer step on one batch, so its shuffle does not matter). raydpo's side is
 the worker's own step (`dpo_step`, the metrics window, the pre-clip gradient norm) in-process: the Ray
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from raydpo import DPOConfig
-from raydpo.data.batching import collate
+from raydpo.data.batching import collate, token_counts
 from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
@@ -34,6 +35,7 @@ def cases():
     yield {"loss_type": "sigmoid", "ld_alpha": 0.5}
     yield {"loss_type": "sigmoid", "use_weighting": True}
     yield {"loss_type": "discopop", "discopop_tau": 0.1}
+    yield {"loss_type": "ipo", "share_prompt": False}  # the two-sequence layout (every other case shares)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def reference_model(tiny_model, parity_rows, tmp_path_factory):
 
 
 def trl_first_step(model_path, ref_path, rows, options, output_dir) -> dict:
+    options = {k: v for k, v in options.items() if k != "share_prompt"}  # raydpo's alone
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLConfig
@@ -66,13 +69,15 @@ def raydpo_first_step(model_path, ref_path, rows, options) -> dict:
 
     config = DPOConfig(max_length=32, per_device_train_batch_size=len(rows), **options)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = collate([tokenize_row(tokenizer, row) for row in rows], tokenizer.pad_token_id, config.max_length)
+    batch = collate([tokenize_row(tokenizer, row) for row in rows], tokenizer.pad_token_id, config.max_length,
+                    share_prompt=config.share_prompt)
+    assert ("gather_index" in batch) == config.share_prompt
     policy = load_model(model_path, config)
     reference = InWorkerReference(load_model(ref_path, config), {})
     loss, per_pair, per_token = dpo_step(policy, reference, batch, config)
     loss.backward()
     window = MetricsWindow()
-    window.add(loss, per_pair, per_token, batch["attention_mask"])
+    window.add(loss, per_pair, per_token, token_counts(batch))
     return {**window.reduce(), "grad_norm": _grad_norm(policy)}
 
 

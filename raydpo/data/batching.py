@@ -59,13 +59,16 @@ def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> l
 
 
 def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
-            truncation_mode: str = "keep_start") -> dict:
+            truncation_mode: str = "keep_start", share_prompt: bool = False) -> dict:
     """Pad prompt+chosen and prompt+rejected into one [2B, T] batch (chosen first), right-padded,
     each sequence truncated on its own.
 
     completion_mask is 1 on completion tokens only: prompt and padding never enter the log-probs.
     Rows with ref_chosen_logps / ref_rejected_logps add `ref_logps` [2B] (chosen first).
+    share_prompt: the shared-prompt layout of `collate_shared_prompt` when the batch allows it.
     """
+    if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
+        return collate_shared_prompt(rows, pad_token_id, max_length)
     sequences, completion_masks = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for row in rows:
@@ -81,9 +84,85 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
         attention_mask[i, : len(seq)] = 1
         completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-    # Precomputed reference log-probs (raydpo.reference.precompute) ride along, chosen first like the rows.
+    return _with_reference_columns(batch, rows)
+
+
+def _with_reference_columns(batch: dict, rows: Sequence[dict]) -> dict:
+    """Precomputed reference log-probs (raydpo.reference.precompute) ride along, chosen first like the rows."""
     if rows and all(row.get("ref_chosen_logps") is not None and row.get("ref_rejected_logps") is not None
                     for row in rows):
         batch["ref_logps"] = torch.tensor([float(row["ref_chosen_logps"]) for row in rows]
                                           + [float(row["ref_rejected_logps"]) for row in rows], dtype=torch.float64)
     return batch
+
+
+def token_counts(batch: dict) -> tuple:
+    """(tokens as TRL counts them: the chosen and rejected sequences' non-pad tokens, so prompts twice;
+    positions the batch fills with tokens; positions in all)."""
+    if "num_tokens" in batch:  # the shared-prompt layout says so itself
+        return int(batch["num_tokens"]), int(batch["num_filled"]), int(batch["input_ids"].numel())
+    tokens = int(batch["attention_mask"].sum())
+    return tokens, tokens, batch["attention_mask"].numel()
+
+
+def can_share_prompt(rows: Sequence[dict], max_length: Optional[int], truncation_mode: str) -> bool:
+    """Every row has a prompt, and truncation leaves chosen and rejected the same whole prompt."""
+    if not rows or any(len(row["prompt_ids"]) == 0 for row in rows):
+        return False
+    if truncation_mode == "keep_start" or max_length is None:
+        return all(max_length is None or len(row["prompt_ids"]) < max_length for row in rows)
+    return all(len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+               for row in rows)
+
+
+def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None) -> dict:
+    """One sequence per pair, prompt + chosen + rejected, so the prompt is computed once, not twice.
+
+    The attention mask [B, 1, S, S] is causal except that rejected tokens do not see chosen ones, and
+    rejected positions restart where chosen ones started, so every token sees exactly what it would
+    in its own prompt+completion sequence (TRL's layout, keep_start truncation per sequence).
+
+    The log-probs are read in a per-side layout [2B, L] (chosen rows first, like `collate`):
+    `gather_index` picks, for each scored completion token, the flat [B * S] position whose hidden
+    state predicts it (the first chosen and the first rejected token are both predicted by the last
+    prompt token); `side_input_ids` / `side_completion_mask` [2B, L + 1] are those tokens with one
+    leading slot, shaped like `collate`'s input_ids / completion_mask so the same code scores them.
+    """
+    pieces = []
+    for row in rows:
+        prompt = list(row["prompt_ids"])
+        room = None if max_length is None else max_length - len(prompt)
+        pieces.append((prompt, list(row["chosen_ids"])[:room], list(row["rejected_ids"])[:room]))
+    length = max(len(p) + len(c) + len(r) for p, c, r in pieces)
+    sides = max(max(len(c), len(r)) for _, c, r in pieces)
+    n = len(pieces)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    attention = torch.zeros((n, 1, length, length), dtype=torch.bool)
+    gather_index = torch.zeros((2 * n, sides), dtype=torch.long)
+    side_input_ids = torch.full((2 * n, sides + 1), pad_token_id, dtype=torch.long)
+    side_completion_mask = torch.zeros((2 * n, sides + 1), dtype=torch.long)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for i, (prompt, chosen, rejected) in enumerate(pieces):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[i, :p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+        position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        mask = causal.clone()
+        mask[:, p + c + r:] = False  # padding is never attended to
+        mask[p + c:, p:p + c] = False  # rejected tokens do not see chosen ones
+        mask[p + c + r:, 0] = True  # padding queries see one token, so their softmax stays finite
+        attention[i, 0] = mask
+        base = i * length
+        # chosen token j sits at p + j and is predicted from p + j - 1; rejected token j sits at
+        # p + c + j and is predicted from p + c + j - 1, except the first, predicted from p - 1.
+        gather_index[i, :c] = base + torch.arange(p - 1, p + c - 1)
+        gather_index[n + i, :r] = base + torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
+        for side, tokens in ((i, chosen), (n + i, rejected)):
+            side_input_ids[side, 1:1 + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            side_completion_mask[side, 1:1 + len(tokens)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+             "gather_index": gather_index, "side_input_ids": side_input_ids,
+             "side_completion_mask": side_completion_mask, "completion_mask": side_completion_mask,
+             "num_tokens": torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in pieces)),
+             "num_filled": torch.tensor(sum(len(p) + len(c) + len(r) for p, c, r in pieces))}
+    return _with_reference_columns(batch, rows)

@@ -26,6 +26,7 @@ class ReferenceLogps:
     def __init__(self, model_path: str, config: dict, pad_token_id: int, threads: Optional[int] = None):
         import torch
 
+        from raydpo.logprobs import shares_prompt_safely
         from raydpo.train.loop import load_model
 
         if threads:
@@ -34,6 +35,8 @@ class ReferenceLogps:
         self.pad_token_id = pad_token_id
         self.device = torch.device("cuda" if self.config.use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, self.config).to(self.device).eval().requires_grad_(False)
+        if self.config.share_prompt and not shares_prompt_safely(self.model):
+            self.config = dataclasses.replace(self.config, share_prompt=False)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         import torch
@@ -47,7 +50,7 @@ class ReferenceLogps:
         values = {c: [row.get(c) if ok else None for row, ok in zip(rows, have)] for c in REF_COLUMNS}
         if todo:
             batch = collate([rows[i] for i in todo], self.pad_token_id, self.config.max_length,
-                            self.config.truncation_mode)
+                            self.config.truncation_mode, self.config.share_prompt)
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
             if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
                 batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)

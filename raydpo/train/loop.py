@@ -7,6 +7,7 @@ trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import tempfile
@@ -17,8 +18,8 @@ import ray.train
 import torch
 
 from raydpo.config import DPOConfig
-from raydpo.data.batching import collate, epoch_order, row_length
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
+from raydpo.data.batching import collate, epoch_order, row_length, token_counts
+from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
 from raydpo.losses import dpo_loss, rewards
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_model, reference_model_path
@@ -97,10 +98,11 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
         # shard ran out repeats a batch that counts for nothing.
         for i in range(num_batches):
             chunk = rows[i * size:(i + 1) * size]
-            batch = collate(chunk or rows[:size], pad_token_id, config.max_length, config.truncation_mode)
+            batch = collate(chunk or rows[:size], pad_token_id, config.max_length, config.truncation_mode,
+                            config.share_prompt)
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             if chunk:
-                window.add(loss, per_pair, per_token, batch["attention_mask"])
+                window.add(loss, per_pair, per_token, token_counts(batch))
             else:
                 window.add_padding()
     engine.train()
@@ -134,6 +136,8 @@ def train_loop_per_worker(loop_config: dict):
     ds_config = build_deepspeed_config(config, world_size)
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
+    if config.share_prompt and not shares_prompt_safely(engine):
+        config = dataclasses.replace(config, share_prompt=False)
 
     step, window, state = 0, MetricsWindow(), {}
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
@@ -156,7 +160,7 @@ def train_loop_per_worker(loop_config: dict):
                             config.seed, epoch, lengths)
         for micro in range((step - epoch * steps_per_epoch) * accumulation, len(order)):
             batch = collate([rows[i] for i in order[micro]], loop_config["pad_token_id"], config.max_length,
-                            config.truncation_mode)
+                            config.truncation_mode, config.share_prompt)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             _require_finite("loss", float(loss.detach()), step + 1)
@@ -165,7 +169,7 @@ def train_loop_per_worker(loop_config: dict):
             # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
             unclipped_norm = _grad_norm(engine.module) if boundary and zero_stage(ds_config) == 0 else None
             engine.step()
-            window.add(loss, per_pair, per_token, batch["attention_mask"])
+            window.add(loss, per_pair, per_token, token_counts(batch))
             if not boundary:
                 continue
             step += 1

@@ -63,11 +63,15 @@ class MetricsWindow:
         self.pairs = 0
         self.micro_batches = 0
         self.tokens = 0.0
-        self.positions = 0.0  # padded batch positions, for padding_fraction
+        self.positions = 0.0  # batch positions, and those holding a token: for padding_fraction
+        self.filled = 0.0
 
-    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, attention_mask: torch.Tensor):
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple):
+        """counts: (tokens, filled positions, positions) of the batch (`batching.token_counts`)."""
+        tokens, filled, positions = counts
         self.micro_batches += 1
-        self.positions += attention_mask.numel()
+        self.positions += positions
+        self.filled += filled
         self.device = loss.device  # NCCL all-reduces only device tensors
         self.pairs += len(per_pair["rewards/chosen"])
         # One device-to-host copy per micro-batch.
@@ -78,7 +82,7 @@ class MetricsWindow:
         for name, value in zip(PAIR_METRICS, values[1:]):
             self.sums[name] += value
         self.token_rows.append(values[1 + len(PAIR_METRICS):])
-        self.tokens += int(attention_mask.sum())
+        self.tokens += tokens
 
     def add_padding(self):
         """A forward that counts for nothing (an eval worker with fewer rows than the others): it keeps
@@ -87,14 +91,15 @@ class MetricsWindow:
 
     def reduce(self) -> dict:
         names = ["loss", *PAIR_METRICS]
-        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens, self.positions]
+        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens, self.filled,
+                                                self.positions]
         rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(TOKEN_METRICS))
         values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
         if dist.is_available() and dist.is_initialized():
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
-        *sums, pairs, micro_batches, tokens, positions = values[:len(flat)].tolist()
+        *sums, pairs, micro_batches, tokens, filled, positions = values[:len(flat)].tolist()
         rows = values[len(flat):].reshape(-1, len(TOKEN_METRICS), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
@@ -104,6 +109,6 @@ class MetricsWindow:
         means = ratios.mean(0).tolist() if len(ratios) else [0.0] * len(TOKEN_METRICS)
         out.update(zip(TOKEN_METRICS, means))
         out["num_tokens"] = self.total_tokens
-        out["padding_fraction"] = 1.0 - tokens / positions if positions else 0.0  # a raydpo extra
+        out["padding_fraction"] = 1.0 - filled / positions if positions else 0.0  # a raydpo extra
         self._reset()
         return out
