@@ -184,7 +184,8 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
 
 
 def raydpo_options(system: str) -> dict:
-    """"raydpo-2" -> 2 workers; "-z0" a ZeRO stage; "-pre" precomputed reference log-probs."""
+    """"raydpo-2" -> 2 workers; "-z0" a ZeRO stage; "-pre" precomputed reference log-probs; "-noshare"
+    without share_prompt."""
     parts = system.split("-")[1:]
     options = {"num_workers": int(parts[0])}
     for part in parts[1:]:
@@ -192,6 +193,8 @@ def raydpo_options(system: str) -> dict:
             options["zero_stage"] = int(part[1:])
         elif part == "pre":  # computed by the actor pool before training (and cached); not in s/step
             options.update(precompute_ref_log_probs=True, precompute_ref_cache_dir=None)
+        elif part == "noshare":  # TRL's two-sequence layout instead of one shared-prompt sequence per pair
+            options["share_prompt"] = False
         else:
             raise SystemExit(f"unknown raydpo system option {part!r} in {system!r}")
     return options
@@ -226,8 +229,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-z0,raydpo-1-z0-pre",
-                        help="trl, and raydpo-<workers>[-z<ZeRO stage>][-pre]")
+    parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-noshare,raydpo-1-pre",
+                        help="trl, and raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("RAYDPO_BENCH_PROFILE", "cpu"))
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
