@@ -44,7 +44,7 @@ PROFILES = {
     "gpu": {"name": "qwen3-0.6b-shape", "hidden": 1024, "intermediate": 3072, "layers": 28, "heads": 16,
             "kv_heads": 8, "batch": 8, "max_length": 1024, "bf16": True, "gpu": True},
 }
-PROFILE = PROFILES[os.environ.get("RAYDPO_BENCH_PROFILE", "cpu")]  # set by --profile before anything runs
+PROFILE = dict(PROFILES[os.environ.get("RAYDPO_BENCH_PROFILE", "cpu")])  # a copy: --profile replaces its contents
 
 
 def model_config():
