@@ -40,8 +40,8 @@ def run_trl_grid(model_dir: str, rows: list, steps: int) -> float:
             with tempfile.TemporaryDirectory() as output_dir:
                 args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=PROFILE["batch"], max_steps=steps,
                                  max_length=PROFILE["max_length"], learning_rate=1e-5, logging_steps=1, beta=beta,
-                                 loss_type=loss_type, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
-                                 dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                                 loss_type=loss_type, save_strategy="no", report_to="none", use_cpu=True,
+                                 bf16=False, fp16=False, dataloader_num_workers=0, seed=0, disable_tqdm=True)
                 DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
                            ref_model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
                            train_dataset=Dataset.from_list(rows),
