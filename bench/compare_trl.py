@@ -184,8 +184,8 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
 
 
 def raydpo_options(system: str) -> dict:
-    """"raydpo-2" -> 2 workers; "-z0" a ZeRO stage; "-pre" precomputed reference log-probs; "-noshare"
-    without share_prompt."""
+    """"raydpo-2" -> 2 workers; "-z0" a ZeRO stage; "-pre" precomputed reference log-probs ("-pre-cache"
+    with the cache on); "-stream" streamed reference log-probs; "-noshare" without share_prompt."""
     parts = system.split("-")[1:]
     options = {"num_workers": int(parts[0])}
     for part in parts[1:]:
@@ -193,6 +193,10 @@ def raydpo_options(system: str) -> dict:
             options["zero_stage"] = int(part[1:])
         elif part == "pre":  # computed by the actor pool before training (and cached); not in s/step
             options.update(precompute_ref_log_probs=True, precompute_ref_cache_dir=None)
+        elif part == "stream":  # the actor pool scores each batch while training runs
+            options.update(stream_ref_log_probs=True, precompute_ref_cache_dir=None)
+        elif part == "cache":  # with "-pre": the reference cache in RAYDPO_BENCH_REF_CACHE (bench/reference_modes.py)
+            options["precompute_ref_cache_dir"] = os.environ["RAYDPO_BENCH_REF_CACHE"]
         elif part == "noshare":  # TRL's two-sequence layout instead of one shared-prompt sequence per pair
             options["share_prompt"] = False
         else:
@@ -211,9 +215,11 @@ def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, system: 
                      save_steps=10 ** 6, seed=0, use_gpu=PROFILE["gpu"], **options)
     trainer = DPOTrainer(model_dir, args=args, train_dataset=rows)
     with PeakMemory(ray_train_workers) as memory:
+        started = time.perf_counter()
         out = trainer.train()
+        wall = time.perf_counter() - started  # train(): reference precompute, worker start-up and the steps
     return {"step_times": [h["step_time"] for h in out.history], "num_tokens": [h["num_tokens"] for h in out.history],
-            "peak_rss": memory.peak, "peak_gpu": out.history[-1].get("peak_gpu_memory", 0)}
+            "peak_rss": memory.peak, "peak_gpu": out.history[-1].get("peak_gpu_memory", 0), "wall": wall}
 
 
 def summarize(name: str, result: dict, warmup: int, flops_per_token: float, ceiling: float) -> dict:
@@ -256,19 +262,25 @@ def main():
     summaries = []
     for system in args.systems.split(","):
         started = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--run", system, "--steps", str(args.steps),
-                               "--work-dir", args.work_dir, "--profile", args.profile], capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-            raise SystemExit(f"{system} failed (exit {proc.returncode})")
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = run_system(system, args.steps, args.work_dir, args.profile)
         # FLOPs per non-pad token, from this run's own rows (reference forward included in both systems)
         lengths = token_lengths(model_dir, rows)
-        flops_per_token = step_flops(model_config(), lengths, reference_forward="-pre" not in system) / sum(lengths)
+        in_step = not any(mode in system for mode in ("-pre", "-stream"))  # the reference forward runs in the step
+        flops_per_token = step_flops(model_config(), lengths, reference_forward=in_step) / sum(lengths)
         summaries.append(summarize(system, result, args.warmup, flops_per_token, ceiling))
         print(f"[bench] {system}: {time.time() - started:.0f} s", flush=True)
     print_table(summaries, ceiling)
+
+
+def run_system(system: str, steps: int, work_dir: str, profile: str) -> dict:
+    """One system in its own process (so its peak memory is its own); its result dict."""
+    proc = subprocess.run([sys.executable, __file__, "--run", system, "--steps", str(steps), "--work-dir", work_dir,
+                           "--profile", profile], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{system} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def token_lengths(model_dir: str, rows: list) -> list:

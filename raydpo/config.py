@@ -105,7 +105,7 @@ class DPOConfig:
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
     # --- reference modes (raydpo extras; README "Reference modes") ---
-    # precompute_ref_log_probs=True: pairs per reference forward in the precompute actors (None:
+    # precompute_ref_log_probs or stream_ref_log_probs: pairs per reference forward in the actors (None:
     # per_device_train_batch_size), the number of actors, and each actor's Ray resources (None:
     # {"GPU": 1} with use_gpu, else {"CPU": 1}).
     precompute_ref_batch_size: Optional[int] = None
@@ -114,6 +114,11 @@ class DPOConfig:
     # Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), so a
     # second run and every sweep trial skip the reference forward. None turns the cache off.
     precompute_ref_cache_dir: Optional[str] = "~/.cache/raydpo/ref_logps"
+    # Streamed: the same actor pool computes the reference log-probs while training runs, each worker
+    # sending its micro-batches stream_ref_prefetch_batches ahead of the one it trains on. A cached
+    # precompute for the same rows is used instead when there is one.
+    stream_ref_log_probs: bool = False
+    stream_ref_prefetch_batches: int = 2
     # --- end reference modes ---
 
     # --- Ray and DeepSpeed ---
@@ -220,6 +225,11 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha!r}")
         if self.ref_model_sync_steps <= 0:
             raise ValueError(f"DPOConfig.ref_model_sync_steps must be > 0, got {self.ref_model_sync_steps!r}")
+        if self.stream_ref_log_probs and (self.precompute_ref_log_probs or self.sync_ref_model):
+            raise ValueError("DPOConfig.stream_ref_log_probs is a reference mode of its own: it cannot be combined "
+                             "with precompute_ref_log_probs or sync_ref_model")
+        if self.stream_ref_prefetch_batches < 0:
+            raise ValueError(f"DPOConfig.stream_ref_prefetch_batches must be >= 0, got {self.stream_ref_prefetch_batches!r}")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size <= 0:
             raise ValueError(f"DPOConfig.precompute_ref_batch_size must be None or > 0, "
                              f"got {self.precompute_ref_batch_size!r}")

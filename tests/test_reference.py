@@ -115,18 +115,61 @@ def test_peft_trains_an_adapter_and_leaves_the_base(ray_session, tiny_model, par
     assert math.isfinite(first["loss"])
 
 
-def test_precomputed_equals_in_worker(ray_session, tiny_model, parity_rows, tmp_path):
-    rows = parity_rows[:40]
-    in_worker = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "in_worker", max_steps=1),
-                           train_dataset=rows).train()
-    precomputed = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "precomputed", max_steps=1,
-                                                         precompute_ref_log_probs=True, precompute_ref_batch_size=7,
-                                                         precompute_ref_num_actors=2,
-                                                         precompute_ref_resources={"CPU": 0.5}),
-                             train_dataset=rows).train()
-    a, b = in_worker.history[0], precomputed.history[0]
-    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-        assert b[name] == pytest.approx(a[name], abs=1e-5), name
+def test_reference_modes_agree(ray_session, tiny_model, parity_rows, tmp_path):
+    """In-worker (mode 1), precomputed (3) and streamed (4) give the same step-1 loss, rewards and eval
+    metrics, under ZeRO-2 and ZeRO-3, on 2 workers; the eval split gets its own reference log-probs."""
+    rows, eval_rows = parity_rows[:40], parity_rows[200:212]
+    pool = dict(precompute_ref_batch_size=3, precompute_ref_num_actors=2, precompute_ref_cache_dir=None)
+    modes = {"in_worker": dict(zero_stage=2),
+             "precomputed": dict(zero_stage=3, precompute_ref_log_probs=True, precompute_ref_resources={"CPU": 0.5},
+                                 **pool),
+             "streamed": dict(zero_stage=3, stream_ref_log_probs=True, **pool)}  # actors sized from the cluster
+    first = {}
+    for mode, options in modes.items():
+        config = e2e_config(tmp_path / mode, max_steps=3, eval_strategy="steps", eval_steps=3, **options)
+        out = DPOTrainer(tiny_model, args=config, train_dataset=rows, eval_dataset=eval_rows).train()
+        first[mode] = {**out.history[0], **{k: v for k, v in out.history[-1].items() if k.startswith("eval/")}}
+    a = first["in_worker"]
+    for mode in ("precomputed", "streamed"):
+        b = first[mode]
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                     "logps/rejected", "eval/loss", "eval/rewards/margins"):
+            assert b[name] == pytest.approx(a[name], abs=1e-5), (mode, name)
+
+
+def test_streamed_reference_prefetches_ahead(ray_session, tiny_model, parity_rows):
+    """rows_ahead keeps batches in flight on the pool, fills each row once and never re-sends it."""
+
+    from raydpo.reference.streamed import StreamedReference, start_reference_pool, stop_reference_pool
+
+    rows, pad = tokenized_rows(tiny_model, parity_rows[:8])
+    config = DPOConfig(max_length=32, precompute_ref_resources={"CPU": 0.5})
+    scorer = ReferenceLogps(tiny_model, config.to_dict(), pad)
+    expected = [value for pair in zip(*scorer.score(rows)) for value in pair]
+
+    actors = start_reference_pool(tiny_model, config, pad)
+    try:
+        sent = []
+
+        class Counting(StreamedReference):
+            def _submit(self, batch_rows):
+                sent.append(sum(1 for row in batch_rows if "ref_chosen_logps" not in row))
+                return super()._submit(batch_rows)
+
+        reference = Counting(actors, prefetch_batches=2)
+        stream = reference.rows_ahead(rows, [[0, 1], [2, 3], [4, 5], [6, 7]])
+        first = next(stream)
+        assert len(sent) == 3  # the first batch and the two behind it were sent before it came back
+        assert [row for batch in stream for row in batch] == rows[2:]
+        assert first == rows[:2]
+        assert sent == [2, 2, 2, 2]
+        got = [r[column] for r in rows for column in ("ref_chosen_logps", "ref_rejected_logps")]
+        assert got == pytest.approx(expected, abs=1e-5)  # scored in batches of 2 instead of 8: other padding
+        reference.fill(rows, 3)  # every row carries its values: nothing is scored again
+        assert [len(b) for b in reference.rows_ahead(rows, [[0, 1, 2]])] == [3]
+        assert sum(sent) == 8
+    finally:
+        stop_reference_pool(actors)
 
 
 def test_rows_carrying_reference_columns_keep_them(ray_session, tiny_model, parity_rows):

@@ -4,11 +4,13 @@ it picks one at build time (train.loop.build_reference) and only calls `logps`.
 
 - InWorkerReference: a separate frozen model in the worker (sharded under ZeRO-3);
 - PeftBaseReference: the PEFT policy with its adapters disabled (no second model);
-- PrecomputedReference: columns computed before training by an actor pool (reference.precompute).
+- PrecomputedReference: columns computed before training by an actor pool (reference.precompute);
+- StreamedReference: the same columns, computed by the pool while training runs (reference.streamed).
 """
 
 from raydpo.reference.in_worker import InWorkerReference
 from raydpo.reference.peft_base import PeftBaseReference
 from raydpo.reference.precomputed import PrecomputedReference
+from raydpo.reference.streamed import StreamedReference
 
-__all__ = ["InWorkerReference", "PeftBaseReference", "PrecomputedReference"]
+__all__ = ["InWorkerReference", "PeftBaseReference", "PrecomputedReference", "StreamedReference"]

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.reference import cache as ref_cache
 from raydpo.reference.precomputed import REF_COLUMNS
@@ -39,26 +40,11 @@ class ReferenceLogps:
             self.config = dataclasses.replace(self.config, share_prompt=False)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        import torch
-
-        from raydpo.data.batching import collate
-        from raydpo.logprobs import ld_weights, model_completion_logps
-
         rows = table.to_pylist()
-        have = [all(row.get(c) is not None and not math.isnan(row[c]) for c in REF_COLUMNS) for row in rows]
-        todo = [i for i, ok in enumerate(have) if not ok]
-        values = {c: [row.get(c) if ok else None for row, ok in zip(rows, have)] for c in REF_COLUMNS}
-        if todo:
-            batch = collate([rows[i] for i in todo], self.pad_token_id, self.config.max_length,
-                            self.config.truncation_mode, self.config.share_prompt)
-            batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
-            if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
-                batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)
-            with torch.no_grad():
-                chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
-            for j, i in enumerate(todo):
-                values["ref_chosen_logps"][i] = float(chosen[j])
-                values["ref_rejected_logps"][i] = float(rejected[j])
+        todo = [i for i, row in enumerate(rows) if not has_reference_logps(row)]
+        values = {c: [row.get(c) for row in rows] for c in REF_COLUMNS}
+        for i, chosen, rejected in zip(todo, *self.score([rows[i] for i in todo])):
+            values["ref_chosen_logps"][i], values["ref_rejected_logps"][i] = chosen, rejected
         for name in REF_COLUMNS:
             column = pa.array(values[name], type=pa.float64())
             if name in table.column_names:
@@ -66,6 +52,28 @@ class ReferenceLogps:
             else:
                 table = table.append_column(name, column)
         return table
+
+    def score(self, rows: list) -> tuple:
+        """(chosen, rejected) summed completion log-probs of the reference, one float per row."""
+        import torch
+
+        from raydpo.data.batching import collate
+        from raydpo.logprobs import ld_weights, model_completion_logps
+
+        if not rows:
+            return [], []
+        batch = collate(rows, self.pad_token_id, self.config.max_length, self.config.truncation_mode,
+                        self.config.share_prompt)
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
+        if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
+            batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)
+        with torch.no_grad():
+            chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
+        return chosen.tolist(), rejected.tolist()
+
+
+def has_reference_logps(row: dict) -> bool:
+    return all(row.get(c) is not None and not math.isnan(row[c]) for c in REF_COLUMNS)
 
 
 def needs_precompute(dataset: "ray.data.Dataset") -> bool:
@@ -84,7 +92,11 @@ def needs_precompute(dataset: "ray.data.Dataset") -> bool:
 def actor_resources(config: DPOConfig) -> dict:
     if config.precompute_ref_resources:
         return dict(config.precompute_ref_resources)
-    return {"GPU": 1} if config.use_gpu else {"CPU": 1}
+    if config.use_gpu:
+        return {"GPU": 1}
+    if config.stream_ref_log_probs:  # beside the training workers: they and Ray Data need CPUs too
+        return {"CPU": cluster.streamed_actor_cpus(config.precompute_ref_num_actors)}
+    return {"CPU": 1}
 
 
 def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig,
@@ -94,24 +106,45 @@ def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: D
     in config.precompute_ref_cache_dir for the same reference, rows and settings is reused."""
     if not needs_precompute(dataset):
         return dataset
-    cache_dir = config.precompute_ref_cache_dir
-    key = ref_cache.cache_key(dataset, model_path, config) if cache_dir else None
-    cached = ref_cache.load(cache_dir, key) if key else None
+    key = ref_cache.cache_key(dataset, model_path, config) if config.precompute_ref_cache_dir else None
+    cached = _load_cached(config.precompute_ref_cache_dir, key)
     if cached is not None:
-        print(f"[raydpo] reference log-probs: cache hit, no reference forward ({cache_dir}/{key})", flush=True)
         return cached
     result = _score(dataset, model_path, config, pad_token_id)
     if key:
-        ref_cache.save(result, cache_dir, key)
+        ref_cache.save(result, config.precompute_ref_cache_dir, key)
     return result
 
 
-def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
+def cached_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig):
+    """The dataset with REF_COLUMNS from config.precompute_ref_cache_dir, or None when not cached."""
+    key = ref_cache.cache_key(dataset, model_path, config) if config.precompute_ref_cache_dir else None
+    return _load_cached(config.precompute_ref_cache_dir, key)
+
+
+def _load_cached(cache_dir: Optional[str], key: Optional[str]):
+    cached = ref_cache.load(cache_dir, key) if key else None
+    if cached is not None:
+        print(f"[raydpo] reference log-probs: cache hit, no reference forward ({cache_dir}/{key})", flush=True)
+    return cached
+
+
+def remote_args(config: DPOConfig) -> dict:
+    """Ray options of one reference actor (num_cpus, num_gpus, custom resources)."""
     resources = actor_resources(config)
-    remote_args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
+    args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
     if resources:
-        remote_args["resources"] = resources
-    threads = max(1, int(remote_args["num_cpus"])) if remote_args["num_cpus"] else None
+        args["resources"] = resources
+    return args
+
+
+def actor_threads(args: dict) -> Optional[int]:
+    """torch threads of a CPU actor: the whole CPUs it holds (at least one)."""
+    return max(1, int(args["num_cpus"])) if args["num_cpus"] else None
+
+
+def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
+    args = remote_args(config)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # row i keeps its index: the shards stay the same
@@ -120,7 +153,7 @@ def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_
             ReferenceLogps, batch_format="pyarrow",
             batch_size=config.precompute_ref_batch_size or config.per_device_train_batch_size,
             fn_constructor_kwargs={"model_path": model_path, "config": dataclasses.asdict(config),
-                                   "pad_token_id": pad_token_id, "threads": threads},
-            concurrency=config.precompute_ref_num_actors, **remote_args).materialize()
+                                   "pad_token_id": pad_token_id, "threads": actor_threads(args)},
+            concurrency=config.precompute_ref_num_actors, **args).materialize()
     finally:
         context.execution_options.preserve_order = preserve

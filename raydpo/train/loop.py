@@ -21,7 +21,7 @@ from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order, row_length, token_counts
 from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
 from raydpo.losses import dpo_loss, rewards
-from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
+from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
@@ -70,6 +70,8 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     TR-DPO, `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
+    if config.stream_ref_log_probs:  # the pool computes the columns while training runs
+        return StreamedReference(loop_config["reference_pool"], config.stream_ref_prefetch_batches)
     if loop_config.get("ref_model") is None and is_peft_model(engine.module):
         return PeftBaseReference(engine.module)  # the base with adapters disabled: no second model
     path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
@@ -89,9 +91,18 @@ def dpo_step(engine, reference, batch: dict, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
+def micro_batch_rows(reference, rows: list, index_batches: list):
+    """The rows of each micro-batch in turn; a streamed reference scores them a few batches ahead."""
+    if isinstance(reference, StreamedReference):
+        return reference.rows_ahead(rows, index_batches)
+    return ([rows[i] for i in indices] for indices in index_batches)
+
+
 def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, pad_token_id: int) -> dict:
     """DPO metrics of this worker's eval rows, averaged over all workers, named "eval/<metric>"."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
+    if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
+        reference.fill(rows, size)
     engine.eval()
     with torch.no_grad():
         # Every worker runs num_batches forwards (ZeRO-3 gathers weights collectively); a worker whose
@@ -158,9 +169,10 @@ def train_loop_per_worker(loop_config: dict):
         epoch = step // steps_per_epoch
         order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
                             config.seed, epoch, lengths)
-        for micro in range((step - epoch * steps_per_epoch) * accumulation, len(order)):
-            batch = collate([rows[i] for i in order[micro]], loop_config["pad_token_id"], config.max_length,
-                            config.truncation_mode, config.share_prompt)
+        first = (step - epoch * steps_per_epoch) * accumulation
+        for micro, batch_rows in enumerate(micro_batch_rows(reference, rows, order[first:]), start=first):
+            batch = collate(batch_rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode,
+                            config.share_prompt)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             _require_finite("loss", float(loss.detach()), step + 1)

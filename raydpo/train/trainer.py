@@ -22,6 +22,8 @@ from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.loop import train_loop_per_worker
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
+from raydpo.reference.precompute import needs_precompute
+from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
 
 
 @dataclass
@@ -102,17 +104,32 @@ def with_reference_logps(data, config: DPOConfig, model: str, ref_model: Optiona
         data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
 
 
+def with_cached_reference_logps(data, config: DPOConfig, model: str, ref_model: Optional[str]):
+    """Streamed mode: rows a precompute already cached carry their columns, and the pool skips them."""
+    from raydpo.reference.precompute import cached_ref_logps
+
+    cached = cached_ref_logps(data.dataset, reference_model_path(model, ref_model), config)
+    return dataclasses.replace(data, dataset=cached) if cached is not None else data
+
+
 def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
         callbacks=(), peft_config=None, eval_data=None) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
 
     ref_model=None with PEFT (peft_config, or an adapter folder as model): the reference is the base
     with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first
-    (to the eval split too). With load_best_model_at_end the returned checkpoint is the best one."""
+    (to the eval split too); stream_ref_log_probs: the pool scores them beside the training workers.
+    With load_best_model_at_end the returned checkpoint is the best one."""
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
     if config.precompute_ref_log_probs:
         datasets = {name: with_reference_logps(data, config, model, ref_model, tokenizer)
                     for name, data in datasets.items()}
+    reference_pool = []
+    if config.stream_ref_log_probs:
+        datasets = {name: with_cached_reference_logps(data, config, model, ref_model)
+                    for name, data in datasets.items()}
+        if any(needs_precompute(data.dataset) for data in datasets.values()):
+            reference_pool = start_reference_pool(reference_model_path(model, ref_model), config, tokenizer.pad_token_id)
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
@@ -130,11 +147,12 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             "pad_token_id": tokenizer.pad_token_id,
             "history": history,
             "resume_from_checkpoint": resume_from_checkpoint,
+            "reference_pool": reference_pool,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
-                                                          config.resources_per_worker)),
+                                                          config.resources_per_worker, pool_cpus(config))),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -147,7 +165,10 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         datasets={name: data.dataset for name, data in datasets.items()},
         dataset_config=ContiguousShards(),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        stop_reference_pool(reference_pool)
     rows = ray.get(history.get.remote())
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)

@@ -21,6 +21,7 @@ from ray import tune
 from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
+from raydpo.reference.streamed import pool_cpus
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -155,9 +156,12 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     concurrency = _concurrency(base, max_concurrent_trials)
     base_values = base.to_dict()
     if base.resources_per_worker is None and not base.use_gpu:
-        # Concurrent trials share the CPUs that one run would otherwise take alone.
-        cpus = cluster.worker_resources(base.num_workers, False, None)["CPU"]
+        # Concurrent trials share the CPUs that one run would otherwise take alone (streamed: its pool's too).
+        cpus = cluster.worker_resources(base.num_workers, False, None, pool_cpus(base))["CPU"]
         base_values["resources_per_worker"] = {"CPU": round(max(0.1, cpus / concurrency), 2)}
+        if base.stream_ref_log_probs and base.precompute_ref_resources is None:
+            actor_cpus = cluster.streamed_actor_cpus(base.precompute_ref_num_actors)
+            base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, actor_cpus / concurrency), 2)}
     base_values["output_dir"] = results_dir
 
     trainable = tune.with_parameters(_trial, base=base_values, trainer=trainer, trials_dir=trials_dir)

@@ -1,0 +1,78 @@
+"""Streamed: the reference log-probs are computed while training runs, by a pool of Ray actors on their
+own resources (the precompute actors' class, `ReferenceLogps`). Training starts at once and the
+workers never hold the reference.
+
+Each worker sends its next micro-batches to the pool a few batches ahead of the one it trains on, so
+the reference forward overlaps the policy's forward and backward. A row's values are written into the
+row itself, so later epochs and evaluations send nothing. The pool is shared by all workers and lives
+on the driver's side: a restarted worker finds it still there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Iterable, Iterator, List
+
+import ray
+
+from raydpo.config import DPOConfig
+from raydpo.reference.precompute import ReferenceLogps, actor_threads, has_reference_logps, remote_args
+from raydpo.reference.precomputed import PrecomputedReference
+
+
+def start_reference_pool(model_path: str, config: DPOConfig, pad_token_id: int) -> list:
+    """precompute_ref_num_actors actors, each holding the frozen reference (precompute_ref_resources each)."""
+    args = remote_args(config)
+    actor = ray.remote(ReferenceLogps).options(**args)
+    return [actor.remote(model_path, dataclasses.asdict(config), pad_token_id, actor_threads(args))
+            for _ in range(config.precompute_ref_num_actors)]
+
+
+def stop_reference_pool(actors: list) -> None:
+    for actor in actors:
+        ray.kill(actor)
+
+
+def pool_cpus(config: DPOConfig) -> float:
+    """CPUs the pool holds while training runs (the training workers' share leaves them free)."""
+    return remote_args(config)["num_cpus"] * config.precompute_ref_num_actors if config.stream_ref_log_probs else 0.0
+
+
+class StreamedReference(PrecomputedReference):
+    """`logps(batch)` reads the columns like a precomputed reference; `rows_ahead` fills them first."""
+
+    def __init__(self, actors: list, prefetch_batches: int):
+        self.actors = itertools.cycle(actors)
+        self.prefetch_batches = prefetch_batches
+
+    def rows_ahead(self, rows: List[dict], index_batches: Iterable[list]) -> Iterator[List[dict]]:
+        """Each micro-batch's rows, with the reference columns filled, keeping `prefetch_batches`
+        batches in flight on the pool ahead of the one yielded."""
+        in_flight = collections.deque()
+        for indices in index_batches:
+            batch_rows = [rows[i] for i in indices]
+            in_flight.append((batch_rows, self._submit(batch_rows)))
+            if len(in_flight) > self.prefetch_batches:
+                yield self._receive(*in_flight.popleft())
+        while in_flight:
+            yield self._receive(*in_flight.popleft())
+
+    def fill(self, rows: List[dict], batch_size: int) -> None:
+        """Fill every row's columns (the eval rows, before their first evaluation), all actors at once."""
+        chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        for chunk, pending in [(chunk, self._submit(chunk)) for chunk in chunks]:
+            self._receive(chunk, pending)
+
+    def _submit(self, rows: List[dict]):
+        todo = [row for row in rows if not has_reference_logps(row)]
+        return todo, (next(self.actors).score.remote(todo) if todo else None)
+
+    @staticmethod
+    def _receive(rows: List[dict], pending) -> List[dict]:
+        todo, scores = pending
+        if scores is not None:
+            for row, chosen, rejected in zip(todo, *ray.get(scores)):
+                row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
+        return rows
