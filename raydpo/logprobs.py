@@ -11,6 +11,7 @@ completion token at position 0 is never scored (as in TRL).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from raydpo.data.images import IMAGE_INPUT
 from raydpo.losses import PairLogps
 
 # Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
@@ -113,8 +115,13 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the underlying transformers model takes `logits_to_keep` (DeepSpeed and PEFT wrappers
     pass keyword arguments through)."""
+    return _forward_takes_logits_to_keep(type(_unwrapped(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not once per step
     try:
-        return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
+        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -125,6 +132,7 @@ def _completion_view(model, batch: dict):
 
     - standard batches: the LM head runs only from the first position any sequence scores (the
       prompt part is never scored; the head is most of a small model's FLOPs and a [N, T, V] tensor);
+      a vision batch's pixel values ("image:" keys) go to the same forward;
     - shared-prompt batches (`collate_shared_prompt`): the body runs once per pair, and the head only
       on the hidden states that predict a completion token, gathered into the per-side layout.
     """
@@ -134,7 +142,8 @@ def _completion_view(model, batch: dict):
     input_ids, completion_mask, weights = batch["input_ids"], batch["completion_mask"], batch.get("logp_weights")
     scored = completion_mask[:, 1:].any(0)
     first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
-    kwargs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False}
+    kwargs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False,
+              **{name[len(IMAGE_INPUT):]: value for name, value in batch.items() if name.startswith(IMAGE_INPUT)}}
     if first > 0 and _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
     else:

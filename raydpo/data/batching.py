@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from raydpo.data.images import image_inputs, num_images
+
 
 def micro_batches_per_epoch(num_rows: int, world_size: int, batch_size: int, accumulation: int) -> int:
     """Micro-batches each worker runs per epoch: enough for its largest shard, rounded up to whole
@@ -59,13 +61,14 @@ def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> l
 
 
 def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
-            truncation_mode: str = "keep_start", share_prompt: bool = False) -> dict:
+            truncation_mode: str = "keep_start", share_prompt: bool = False, image_processor=None) -> dict:
     """Pad prompt+chosen and prompt+rejected into one [2B, T] batch (chosen first), right-padded,
     each sequence truncated on its own.
 
     completion_mask is 1 on completion tokens only: prompt and padding never enter the log-probs.
     Rows with ref_chosen_logps / ref_rejected_logps add `ref_logps` [2B] (chosen first).
     share_prompt: the shared-prompt layout of `collate_shared_prompt` when the batch allows it.
+    Rows with images add the image processor's outputs as "image:<name>" (images.image_inputs).
     """
     if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
         return collate_shared_prompt(rows, pad_token_id, max_length)
@@ -83,7 +86,8 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
         completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+             **image_inputs(rows, image_processor)}
     return _with_reference_columns(batch, rows)
 
 
@@ -106,8 +110,8 @@ def token_counts(batch: dict) -> tuple:
 
 
 def can_share_prompt(rows: Sequence[dict], max_length: Optional[int], truncation_mode: str) -> bool:
-    """Every row has a prompt, and truncation leaves chosen and rejected the same whole prompt."""
-    if not rows or any(len(row["prompt_ids"]) == 0 for row in rows):
+    """Every row has a prompt and no image, and truncation leaves chosen and rejected the same whole prompt."""
+    if not rows or any(len(row["prompt_ids"]) == 0 or num_images(row) for row in rows):
         return False
     if truncation_mode == "keep_start" or max_length is None:
         return all(max_length is None or len(row["prompt_ids"]) < max_length for row in rows)

@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 import ray
 
 from raydpo.data.sources import data_files, is_saved_dataset, jsonable, origin
+from raydpo.data.images import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the tokenized schema or the tokenization rules change
+VERSION = 3  # bump when the tokenized schema or the tokenization rules change
 
 
 def cache_key(source: Any, tokenizer, split: Optional[str] = None, map_fn: Optional[Callable] = None) -> Optional[str]:
@@ -43,7 +44,12 @@ def cache_key(source: Any, tokenizer, split: Optional[str] = None, map_fn: Optio
 
 def tokenizer_id(tokenizer) -> str:
     """Everything about a tokenizer that changes its tokens: the full fast-tokenizer pipeline (BOS/EOS
-    post-processing included) or the vocabulary, the special tokens and the chat template."""
+    post-processing included) or the vocabulary, the special tokens and the chat template (and for a
+    processor, its image processor's settings too)."""
+    if is_processor(tokenizer):  # a processor: its tokenizer, its image processor and its own template
+        return hashlib.sha256(json.dumps([tokenizer_id(text_tokenizer(tokenizer)), tokenizer.image_processor.to_dict(),
+                                          getattr(tokenizer, "chat_template", None)], sort_keys=True,
+                                         default=str).encode()).hexdigest()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = {
         "class": type(tokenizer).__name__,

@@ -11,7 +11,8 @@ Every layout below becomes one `Pair` before tokenizing:
   LLaMA-Factory       {"chosen_messages": [msg], "rejected_messages": [msg]}   whole conversations,
                        content as [{"type": "text"|"reasoning"|"tool_call", "value"}] parts
 
-TRL rows may also carry `tools` (JSON schemas, or a JSON string of them) and `chat_template_kwargs`.
+TRL rows may also carry `tools` (JSON schemas, or a JSON string of them) and `chat_template_kwargs`;
+any row may carry `image` (one) or `images` (a list): a vision row (raydpo.data.images).
 A bad row raises `RowError`, whose message names the field; the caller adds the row index.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
+
+from raydpo.data import images
 
 LAYOUTS = {"trl": "TRL", "openai": "OpenAI preference", "sharegpt": "ShareGPT",
            "llamafactory": "LLaMA-Factory messages"}
@@ -46,6 +49,7 @@ class Pair:
     rejected: Union[str, list]
     tools: Optional[list] = None
     chat_template_kwargs: Optional[dict] = None
+    images: Optional[list] = None  # encoded image bytes (an `image` or `images` field): a vision row
 
     @property
     def conversational(self) -> bool:
@@ -77,12 +81,15 @@ def normalize(raw: Any) -> Tuple[str, Pair]:
         raise RowError(f"expected a dict (one preference pair), got {type(raw).__name__}")
     raw = {k: v for k, v in raw.items() if v is not None}  # Arrow sources fill absent fields with None
     if raw.keys() & {"input", "preferred_output", "non_preferred_output"}:
-        return _openai(raw)
-    if "conversations" in raw:
-        return _sharegpt(raw)
-    if raw.keys() & {"chosen_messages", "rejected_messages"}:
-        return _llamafactory(raw)
-    return _trl(raw)
+        code, pair = _openai(raw)
+    elif "conversations" in raw:
+        code, pair = _sharegpt(raw)
+    elif raw.keys() & {"chosen_messages", "rejected_messages"}:
+        code, pair = _llamafactory(raw)
+    else:
+        code, pair = _trl(raw)
+    pair.images = _images(raw)
+    return code, pair
 
 
 def extract_prompt(chosen, rejected):
@@ -274,6 +281,27 @@ def _check_completions(pair: Pair, names=("chosen", "rejected")) -> None:
                            f"{', '.join(m['role'] for m in messages)})")
         if not any(m.get("content") or m.get("tool_calls") for m in assistant):
             raise RowError(f"field {name!r} is empty: its assistant message has no content")
+
+
+def _images(raw: dict) -> Optional[list]:
+    """A row's `image` (one) or `images` (a list) as encoded bytes; None for a text row."""
+    if "image" in raw and "images" in raw:
+        raise RowError("fields 'image' and 'images' are both set; use 'image' for one image or 'images' for a list")
+    if "image" in raw:
+        fields = [("image", raw["image"])]
+    elif "images" in raw:
+        if not isinstance(raw["images"], (list, tuple)):
+            raise RowError(f"field 'images' must be a list of images, got {type(raw['images']).__name__}")
+        fields = [(f"images[{i}]", value) for i, value in enumerate(raw["images"])]
+    else:
+        return None
+    encoded = []
+    for field, value in fields:
+        try:
+            encoded.append(images.encode_image(value))
+        except ValueError as e:
+            raise RowError(f"field {field!r} {e}") from None
+    return encoded
 
 
 def _tools(value, field: str = "tools") -> Optional[list]:

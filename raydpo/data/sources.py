@@ -188,6 +188,11 @@ def _apply_map_fn(table: pa.Table, map_fn) -> pa.Table:
 
 
 def jsonable(value):
+    from raydpo.data.images import to_json
+
+    encoded = to_json(value)  # an image or bytes, as base64
+    if encoded is not None:
+        return encoded
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

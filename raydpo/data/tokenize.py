@@ -21,12 +21,14 @@ import ray
 
 from raydpo.data import cache
 from raydpo.data.formats import RowError, format_difference, format_label, normalize
+from raydpo.data.images import decode_images, is_processor, multimodal_messages, text_tokenizer
 from raydpo.data.sources import raw_rows, to_ray_dataset
 
 logger = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-STAT_COLUMNS = ("_status", "_error", "_format", "_where", "_prompt_cut", "_prompt_len", "_chosen_len", "_rejected_len")
+STAT_COLUMNS = ("_status", "_error", "_format", "_where", "_prompt_cut", "_prompt_len", "_chosen_len", "_rejected_len",
+                "_images")
 _IDS = pa.list_(pa.int32())
 TOKENIZED_SCHEMA = pa.schema([(c, _IDS) for c in TOKEN_COLUMNS] + [
     ("_status", pa.string()),      # "" (a good row), "bad" (skippable) or "fatal" (never skipped)
@@ -34,7 +36,8 @@ TOKENIZED_SCHEMA = pa.schema([(c, _IDS) for c in TOKEN_COLUMNS] + [
     ("_prompt_cut", pa.bool_()),   # the tokenized prompt was not a prefix of prompt+completion
     ("_prompt_len", pa.int32()), ("_chosen_len", pa.int32()), ("_rejected_len", pa.int32()),
     # Reference log-probs a row already carries (null when it has none): training uses them as they are.
-    ("ref_chosen_logps", pa.float64()), ("ref_rejected_logps", pa.float64())])
+    ("ref_chosen_logps", pa.float64()), ("ref_rejected_logps", pa.float64()),
+    ("images", pa.list_(pa.binary())), ("_images", pa.int32())])  # a vision row's encoded images, and how many
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -73,6 +76,7 @@ class TokenizedData:
     dataset: "ray.data.Dataset"  # materialized, columns TOKEN_COLUMNS (+ REF_COLUMNS when rows carry them)
     num_rows: int
     summary: Optional[DataSummary] = None
+    vision: bool = False  # rows carry images (an "images" column of encoded bytes)
 
 
 def common_prefix_length(a: list, b: list) -> int:
@@ -113,8 +117,10 @@ def tokenize_pair(tokenizer, pair) -> dict:
     Conversational: the chat template renders the prompt with the generation prompt, and prompt +
     chosen / prompt + rejected without it; nothing is appended (the template closes the assistant
     turn). `tools` and `chat_template_kwargs` go to the template."""
+    if pair.images:
+        return _tokenize_vision(tokenizer, pair)
     if not pair.conversational:
-        return _tokenize_text(tokenizer, pair.prompt, pair.chosen, pair.rejected)
+        return _tokenize_text(text_tokenizer(tokenizer), pair.prompt, pair.chosen, pair.rejected)
     if not getattr(tokenizer, "chat_template", None):
         raise RowError("conversational rows need a chat template, and the tokenizer has none: set "
                        "tokenizer.chat_template (or pass processing_class= a tokenizer with one)", fatal=True)
@@ -128,13 +134,51 @@ def tokenize_pair(tokenizer, pair) -> dict:
                   render(pair.prompt + pair.rejected))
 
 
+def _tokenize_vision(processor, pair) -> dict:
+    """TRL 1.16's vision collator, done once per row: the prompt goes through the processor with the
+    row's images (so image placeholders expand to the model's image tokens), the completions through
+    the tokenizer alone, without special tokens and without an EOS appended. Conversational rows are
+    rendered to text by the processor's chat template first, images placed before the first user text;
+    the prompt is the characters the three renderings share."""
+    if not is_processor(processor):
+        raise RowError("rows with images need a processor (tokenizer and image processor): pass "
+                       "processing_class=AutoProcessor.from_pretrained(model)", fatal=True)
+    prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
+    if pair.conversational:
+        kwargs = {"tools": pair.tools, **(pair.chat_template_kwargs or {}), "tokenize": False}
+        messages = multimodal_messages(prompt, len(pair.images))
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        full = [processor.apply_chat_template(messages + multimodal_messages(side, 0), **kwargs)
+                for side in (chosen, rejected)]
+        prompt = prompt[:min(_common_prefix_chars(prompt, text) for text in full)]
+        chosen, rejected = (text[len(prompt):] for text in full)
+    image_token = getattr(processor, "image_token", None)
+    if image_token and prompt.count(image_token) != len(pair.images):
+        raise RowError(f"field 'prompt' holds {prompt.count(image_token)} image placeholder(s) ({image_token!r}) for "
+                       f"{len(pair.images)} image(s); a standard row's prompt places each image with that token")
+    prompt_ids = processor(images=decode_images(pair.images), text=[prompt], add_special_tokens=False)["input_ids"][0]
+    tokenizer = text_tokenizer(processor)
+    return {"prompt_ids": list(prompt_ids), "chosen_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"],
+            "rejected_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"], "prompt_cut": False}
+
+
+def _common_prefix_chars(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
     out = {name: [] for name in TOKENIZED_SCHEMA.names}
     for raw, where, error, fatal in raw_rows(table):
-        code, tokens, refs = "", None, (None, None)
+        code, tokens, refs, images = "", None, (None, None), []
         if error is None:
             try:
                 code, pair = normalize(raw)
+                images = pair.images or []
                 tokens = tokenize_pair(tokenizer, pair)
                 refs = _ref_values(raw)
             except RowError as e:
@@ -152,6 +196,9 @@ def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
         out["_prompt_cut"].append(tokens["prompt_cut"])
         for name, value in zip(REF_COLUMNS, refs if error is None else (None, None)):
             out[name].append(value)
+        images = images if error is None else []
+        out["images"].append(images)
+        out["_images"].append(len(images))
     return pa.table(out, schema=TOKENIZED_SCHEMA)
 
 
@@ -252,10 +299,15 @@ def finish(tokenized: "ray.data.Dataset", split_name: str, max_length: Optional[
         tokenized = tokenized.map_batches(_keep_rows, fn_kwargs={"max_length": max_length,
                                                                  "truncation_mode": truncation_mode},
                                           batch_format="pyarrow")
-    # The reference columns are kept only when some row carries them (precompute fills the others).
-    carried = [name for name in REF_COLUMNS if stats[name].null_count < n]
-    dataset = tokenized.select_columns(list(TOKEN_COLUMNS) + (list(REF_COLUMNS) if carried else [])).materialize()
-    return TokenizedData(dataset=dataset, num_rows=summary.rows, summary=summary)
+    # The reference columns are kept only when some row carries them (precompute fills the others), and
+    # the images only when some row has one.
+    carried = list(REF_COLUMNS) if any(stats[name].null_count < n for name in REF_COLUMNS) else []
+    vision = bool((col["_images"][keep] > 0).any())
+    if vision and max_length is not None and truncation_mode == "keep_end":
+        raise ValueError(f"{split_name} has images, and truncation_mode='keep_end' would cut the image tokens at the "
+                         "start of the prompt: use truncation_mode='keep_start' (or max_length=None), as TRL requires")
+    dataset = tokenized.select_columns(list(TOKEN_COLUMNS) + carried + (["images"] if vision else [])).materialize()
+    return TokenizedData(dataset=dataset, num_rows=summary.rows, summary=summary, vision=vision)
 
 
 def _one_format(code: np.ndarray, good: np.ndarray, at) -> str:

@@ -30,10 +30,15 @@ from raydpo.train.schedule import EarlyStopping, eval_due, log_due, save_due
 
 
 def load_model(path: str, config: DPOConfig):
-    from transformers import AutoModelForCausalLM
+    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
+    vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if config.disable_dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -82,6 +87,7 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
 
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):
     """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected)."""
+    batch = {name: value.to(engine.device) for name, value in batch.items()}  # collate builds it on the CPU
     if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
         batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
     policy = model_completion_stats(engine, batch, wpo=config.use_weighting)
@@ -91,6 +97,13 @@ def dpo_step(engine, reference, batch: dict, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
+def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> dict:
+    """The [2B] chosen+rejected batch of these rows (a vision batch with its pixel values)."""
+    image_processor = getattr(loop_config["tokenizer"], "image_processor", None)
+    return collate(rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode, config.share_prompt,
+                   image_processor)
+
+
 def micro_batch_rows(reference, rows: list, index_batches: list):
     """The rows of each micro-batch in turn; a streamed reference scores them a few batches ahead."""
     if isinstance(reference, StreamedReference):
@@ -98,7 +111,7 @@ def micro_batch_rows(reference, rows: list, index_batches: list):
     return ([rows[i] for i in indices] for indices in index_batches)
 
 
-def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, pad_token_id: int) -> dict:
+def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
     """DPO metrics of this worker's eval rows, averaged over all workers, named "eval/<metric>"."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
     if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
@@ -109,8 +122,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
         # shard ran out repeats a batch that counts for nothing.
         for i in range(num_batches):
             chunk = rows[i * size:(i + 1) * size]
-            batch = collate(chunk or rows[:size], pad_token_id, config.max_length, config.truncation_mode,
-                            config.share_prompt)
+            batch = make_batch(chunk or rows[:size], loop_config, config)
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             if chunk:
                 window.add(loss, per_pair, per_token, token_counts(batch))
@@ -171,8 +183,7 @@ def train_loop_per_worker(loop_config: dict):
                             config.seed, epoch, lengths)
         first = (step - epoch * steps_per_epoch) * accumulation
         for micro, batch_rows in enumerate(micro_batch_rows(reference, rows, order[first:]), start=first):
-            batch = collate(batch_rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode,
-                            config.share_prompt)
+            batch = make_batch(batch_rows, loop_config, config)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             _require_finite("loss", float(loss.detach()), step + 1)
@@ -200,8 +211,7 @@ def train_loop_per_worker(loop_config: dict):
                     metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
             evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
             if evaluated:
-                metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config,
-                                        loop_config["pad_token_id"]))
+                metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config))
                 last = early_stopping.update(metrics) or last
             if metrics:
                 metrics.update(epoch=step / steps_per_epoch, global_step=step)

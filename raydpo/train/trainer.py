@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from raydpo import cluster, hub
 from raydpo.config import DPOConfig
+from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
@@ -81,9 +82,11 @@ def export_model(checkpoint: str, output_dir: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The model's processing class, as TRL loads it: AutoProcessor gives a vision-language model's
+    processor (tokenizer and image processor) and a text model's tokenizer."""
+    from transformers import AutoProcessor
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _load_model_tokenizer(path: str, trust_remote_code: bool = False):
@@ -101,7 +104,7 @@ def with_reference_logps(data, config: DPOConfig, model: str, ref_model: Optiona
     from raydpo.reference.precompute import precompute_ref_logps
 
     return dataclasses.replace(data, dataset=precompute_ref_logps(
-        data.dataset, reference_model_path(model, ref_model), config, tokenizer.pad_token_id))
+        data.dataset, reference_model_path(model, ref_model), config, text_tokenizer(tokenizer).pad_token_id))
 
 
 def with_cached_reference_logps(data, config: DPOConfig, model: str, ref_model: Optional[str]):
@@ -129,7 +132,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         datasets = {name: with_cached_reference_logps(data, config, model, ref_model)
                     for name, data in datasets.items()}
         if any(needs_precompute(data.dataset) for data in datasets.values()):
-            reference_pool = start_reference_pool(reference_model_path(model, ref_model), config, tokenizer.pad_token_id)
+            reference_pool = start_reference_pool(reference_model_path(model, ref_model), config,
+                                                  text_tokenizer(tokenizer).pad_token_id)
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
@@ -144,7 +148,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             "ref_model": ref_model,
             "peft_config": peft_config,
             "tokenizer": tokenizer,
-            "pad_token_id": tokenizer.pad_token_id,
+            "pad_token_id": text_tokenizer(tokenizer).pad_token_id,
             "history": history,
             "resume_from_checkpoint": resume_from_checkpoint,
             "reference_pool": reference_pool,
@@ -209,8 +213,9 @@ class DPOTrainer:
         # ref_model=None: a frozen copy of the initial policy, or with PEFT the base with adapters disabled
         self.ref_model = os.fspath(ref_model) if ref_model is not None else (None if peft else self.model)
         self.processing_class = processing_class or _load_model_tokenizer(self.model, self.args.trust_remote_code)
-        if self.processing_class.pad_token is None:
-            self.processing_class.pad_token = self.processing_class.eos_token  # as TRL does
+        tokenizer = text_tokenizer(self.processing_class)  # a processor's own tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # as TRL does
         if resume_from_checkpoint is not None and not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
         self.resume_from_checkpoint = resume_from_checkpoint
@@ -225,6 +230,10 @@ class DPOTrainer:
             if data is not None and data.num_rows < self.args.num_workers:
                 raise ValueError(f"{name} has {data.num_rows} rows, fewer than num_workers={self.args.num_workers}: "
                                  "every worker needs at least one pair")
+        vision = any(data is not None and data.vision for data in (self.train_data, self.eval_data))
+        if vision and (self.args.precompute_ref_log_probs or self.args.stream_ref_log_probs):
+            raise ValueError("precompute_ref_log_probs and stream_ref_log_probs are not supported for rows with images "
+                             "(as in TRL): the reference actors score text batches only; use the in-worker reference")
         if self.eval_data is None and (self.args.load_best_model_at_end or self.args.early_stopping_patience):
             raise ValueError("load_best_model_at_end and early_stopping_patience need an eval_dataset")
 
