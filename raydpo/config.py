@@ -10,9 +10,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES
+from raydpo.train.trackers import report_targets
 
 SCHEDULERS = (
     "linear",
@@ -35,6 +36,8 @@ class DPOConfig:
     # --- where outputs go (TRL / transformers names) ---
     output_dir: str = "outputs/raydpo"
     run_name: Optional[str] = None
+    # Where logged metrics go: "tensorboard", "mlflow", "wandb" (a list, "all" or "none"); train/trackers.py.
+    report_to: Union[str, List[str]] = "tensorboard"
 
     # --- optimisation ---
     learning_rate: float = 1e-6
@@ -186,6 +189,7 @@ class DPOConfig:
             raise ValueError("DPOConfig.deepspeed must be a dict, a path to a JSON file, or None")
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
+        report_targets(self.report_to)  # names the unknown target
 
     def _check_loss_options(self):
         types = self.loss_types

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+COLOURS = ("red", "green", "blue")
+
 
 def parity_pairs(n: int, seed: int = 0, digits: int = 3) -> list:
     """"number 4 7 2 is" -> chosen " even", rejected " odd" (the last digit decides)."""
@@ -30,6 +32,35 @@ def arithmetic_pairs(n: int, seed: int = 0) -> list:
         wrong = a + b + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11])
         rows.append({"prompt": f"What is {a} + {b}? Answer with the number only.",
                      "chosen": str(a + b), "rejected": str(wrong)})
+    return rows
+
+
+def colour_image(colour: str, size=(20, 24)):
+    """A PIL image of one solid colour (red, green or blue)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((*size, 3), np.uint8)
+    pixels[..., COLOURS.index(colour)] = 255
+    return Image.fromarray(pixels)
+
+
+def colour_pairs(n: int, seed: int = 0, conversational: bool = True) -> list:
+    """Vision rows: an image of one colour, "what colour is this image ?" -> chosen names its colour,
+    rejected another one. Conversational rows carry `images` (a list); standard ones `image` and an
+    `<image>` placeholder in the prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        right, wrong = rng.sample(COLOURS, 2)
+        if conversational:
+            rows.append({"images": [colour_image(right)],
+                         "prompt": [{"role": "user", "content": "what colour is this image ?"}],
+                         "chosen": [{"role": "assistant", "content": f"it is {right}"}],
+                         "rejected": [{"role": "assistant", "content": f"it is {wrong}"}]})
+        else:
+            rows.append({"image": colour_image(right), "prompt": "<image> what colour is this image ?",
+                         "chosen": f" it is {right}", "rejected": f" it is {wrong}"})
     return rows
 
 

@@ -19,7 +19,7 @@ def load(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["dpo_qwen3_ultrafeedback", "mpo", "tool_calling"])
+@pytest.mark.parametrize("script", ["dpo_qwen3_ultrafeedback", "mpo", "tool_calling", "dpo_vlm_rlaif_v"])
 def test_training_scripts_run_tiny(ray_session, tmp_path, script):
     output = load(script).main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
     assert output.metrics["global_step"] == 2 and math.isfinite(output.metrics["loss"])

@@ -23,10 +23,11 @@ def test_search_space_from_yaml_form():
         search_space_from_dict({"beta": {"grid_search": [0.1], "choice": [1]}})
 
 
-def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp_path, capsys):
+def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when asked
     args = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=4, logging_steps=1, save_steps=2,
                      per_device_train_batch_size=8, learning_rate=1e-3, max_length=32, eval_strategy="steps",
-                     eval_steps=2)
+                     eval_steps=2, report_to=["tensorboard", "mlflow"])
     # with an eval set the sweep metric defaults to eval/rewards/accuracies (max), logged at steps 2 and 4
     result = sweep(tiny_model, parity_rows[:64], {"beta": tune.grid_search([0.1, 0.5]),
                                                   "learning_rate": {"grid_search": [1e-3, 3e-3]}},
@@ -43,6 +44,13 @@ def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp
     with open(result.csv_path) as f:
         assert len(list(csv.DictReader(f))) == 4
     assert os.path.getsize(result.plot_path) > 1000
+    # report_to=mlflow in a sweep: Tune's MLflowLoggerCallback, one run per trial with its config and metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{result.results_dir}/mlruns")
+    runs = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
+    assert len(runs) == 4 and {float(r.data.params["beta"]) for r in runs} == {0.1, 0.5}
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs)
 
     from transformers import AutoModelForCausalLM
 

@@ -18,8 +18,14 @@ def config(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_workers_every_metric_finite(ray_session, tiny_model, parity_rows, tmp_path, stage):
-    trainer = DPOTrainer(tiny_model, args=config(tmp_path, zero_stage=stage), train_dataset=parity_rows[:40])
+def test_two_workers_every_metric_finite(ray_session, tiny_model, parity_rows, tmp_path, stage, monkeypatch):
+    # stage 0 also logs to MLflow (a local file store) and W&B (offline)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when asked
+    report_to = ["tensorboard", "mlflow", "wandb"] if stage == 0 else "tensorboard"
+    trainer = DPOTrainer(tiny_model, args=config(tmp_path, zero_stage=stage, run_name="run", report_to=report_to),
+                         train_dataset=parity_rows[:40])
     out = trainer.train()
     assert [h["global_step"] for h in out.history] == [1, 2, 3]
     for name in METRICS:
@@ -31,6 +37,21 @@ def test_two_workers_every_metric_finite(ray_session, tiny_model, parity_rows, t
     assert events and b"train/rewards/margins" in events[0].read_bytes()
     if stage == 3:  # the export gathers ZeRO-3 shards: check it loads with plain transformers and generates
         assert_saved_model_generates(trainer, tmp_path / "final")
+    if stage == 0:
+        assert_tracked(tmp_path, out.history)
+
+
+def assert_tracked(tmp_path, history):
+    """The MLflow run holds every logged step of train/loss and the config; W&B wrote its offline run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{tmp_path}/mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
+    assert run.info.run_name == "run" and run.data.params["beta"] == "0.1"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [h["global_step"] for h in history]
+    assert [m.value for m in losses] == pytest.approx([h["loss"] for h in history])
+    assert list(tmp_path.glob("run/wandb/offline-run-*/run-*.wandb"))
 
 
 def assert_saved_model_generates(trainer, directory):

@@ -15,33 +15,9 @@ from raydpo.data.images import IMAGE_INPUT
 from raydpo.data.sources import json_row, raw_rows
 from raydpo.data.tokenize import tokenize_pair
 from raydpo.logprobs import model_completion_logps
+from raydpo.tasks import colour_image as image
+from raydpo.tasks import colour_pairs as colour_rows
 from raydpo.train.loop import load_model
-
-COLOURS = {"red": 0, "green": 1, "blue": 2}
-
-
-def image(colour: str, size=(20, 24)):
-    from PIL import Image
-
-    pixels = np.zeros((*size, 3), np.uint8)
-    pixels[..., COLOURS[colour]] = 255
-    return Image.fromarray(pixels)
-
-
-def colour_rows(n: int, conversational: bool = True, seed: int = 0) -> list:
-    """"what colour is this image ?" -> chosen names the image's colour, rejected another one."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        right, wrong = rng.choice(list(COLOURS), 2, replace=False)
-        if conversational:
-            rows.append({"images": [image(right)], "prompt": [{"role": "user", "content": "what colour is this image ?"}],
-                         "chosen": [{"role": "assistant", "content": f"it is {right}"}],
-                         "rejected": [{"role": "assistant", "content": f"it is {wrong}"}]})
-        else:
-            rows.append({"image": image(right), "prompt": "<image> what colour is this image ?",
-                         "chosen": f" it is {right}", "rejected": f" it is {wrong}"})
-    return rows
 
 
 @pytest.fixture(scope="module")

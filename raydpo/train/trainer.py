@@ -22,6 +22,7 @@ from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.loop import train_loop_per_worker
+from raydpo.train.trackers import Trackers, report_targets, tracker_env
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
@@ -37,15 +38,11 @@ class TrainOutput:
 @ray.remote(num_cpus=0)
 class MetricsHistory:
     """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster, and
-    writes them as TensorBoard scalars (tensorboardX comes with ray[tune])."""
+    hands them to the trackers of `report_to` (TensorBoard by default; see trackers.py)."""
 
-    def __init__(self, tensorboard_dir: Optional[str] = None):
+    def __init__(self, targets: List[str], run_dir: str, run_name: str, config: dict):
         self.rows = []
-        self.writer = None
-        if tensorboard_dir and "://" not in tensorboard_dir:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(tensorboard_dir)
+        self.trackers = Trackers(targets, run_dir, run_name, config)
 
     def append(self, metrics: dict):
         # After a restart from a checkpoint, steps past it are logged again: the new ones replace them.
@@ -53,14 +50,13 @@ class MetricsHistory:
         if step is not None:
             self.rows = [row for row in self.rows if row.get("global_step", -1) < step]
         self.rows.append(dict(metrics))
-        if self.writer is not None:
-            step = metrics.get("global_step", len(self.rows))
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and name != "global_step":
-                    self.writer.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
-            self.writer.flush()
+        self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
 
     def get(self) -> list:
+        return self.rows
+
+    def close(self) -> list:
+        self.trackers.close()
         return self.rows
 
 
@@ -138,7 +134,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = _absolute(config.storage_path or config.output_dir)
-    history = MetricsHistory.remote(os.path.join(storage_path, run_name, "tensorboard"))
+    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()}).remote(
+        report_targets(config.report_to), os.path.join(storage_path, run_name), run_name, config.to_dict())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -173,7 +170,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         result = trainer.fit()
     finally:
         stop_reference_pool(reference_pool)
-    rows = ray.get(history.get.remote())
+    rows = ray.get(history.close.remote())
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
 

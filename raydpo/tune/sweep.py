@@ -22,6 +22,7 @@ from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.reference.streamed import pool_cpus
+from raydpo.train.trackers import report_targets, sweep_trial_targets, tune_callbacks
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -163,6 +164,8 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
             actor_cpus = cluster.streamed_actor_cpus(base.precompute_ref_num_actors)
             base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, actor_cpus / concurrency), 2)}
     base_values["output_dir"] = results_dir
+    targets = report_targets(base.report_to)
+    base_values["report_to"] = sweep_trial_targets(targets)  # MLflow / W&B runs come from Tune's callbacks
 
     trainable = tune.with_parameters(_trial, base=base_values, trainer=trainer, trials_dir=trials_dir)
     tuner = tune.Tuner(
@@ -172,7 +175,8 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
                                     scheduler=_scheduler(scheduler, metric, mode, space),
                                     metric=None if scheduler in ("asha", "pbt") else metric,
                                     mode=None if scheduler in ("asha", "pbt") else mode),
-        run_config=tune.RunConfig(name="tune", storage_path=results_dir, verbose=1),
+        run_config=tune.RunConfig(name="tune", storage_path=results_dir, verbose=1,
+                                  callbacks=tune_callbacks(targets, results_dir)),
     )
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
