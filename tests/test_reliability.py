@@ -49,10 +49,10 @@ def _kill_a_worker(killed: list):
 
 @pytest.fixture(scope="module")
 def steady_run(ray_session, tiny_model, parity_rows, tmp_path_factory):
-    """30 steps on 2 workers x 4 pairs (20 steps per epoch), never interrupted."""
+    """15 steps on 2 workers x 4 pairs (10 steps per epoch, so a restart also crosses an epoch), never interrupted."""
     path = tmp_path_factory.mktemp("steady")
-    out = DPOTrainer(tiny_model, args=config(path, max_steps=30, save_steps=5, save_total_limit=2),
-                     train_dataset=parity_rows[:160]).train()
+    out = DPOTrainer(tiny_model, args=config(path, max_steps=15, save_steps=5, save_total_limit=2),
+                     train_dataset=parity_rows[:80]).train()
     assert len(glob.glob(str(path / "run" / "checkpoint-*"))) == 2  # save_total_limit
     return out
 
@@ -75,14 +75,14 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(steady_run, tiny_mod
     saving_at_kill = []
     watcher = threading.Thread(target=watch)
     watcher.start()
-    restarted = DPOTrainer(tiny_model, args=config(tmp_path / "killed", max_steps=30, save_steps=5, max_failures=1),
-                           train_dataset=parity_rows[:160]).train()
+    restarted = DPOTrainer(tiny_model, args=config(tmp_path / "killed", max_steps=15, save_steps=5, max_failures=1),
+                           train_dataset=parity_rows[:80]).train()
     watcher.join()
     assert killed, "no training worker was found to kill"
     if moment == "during_save_of_checkpoint_10":
         assert saving_at_kill == [True]
-    assert [h["global_step"] for h in restarted.history] == list(range(1, 31))
-    assert restarted.metrics["global_step"] == steady_run.metrics["global_step"] == 30
+    assert [h["global_step"] for h in restarted.history] == list(range(1, 16))
+    assert restarted.metrics["global_step"] == steady_run.metrics["global_step"] == 15
     assert restarted.metrics["loss"] == pytest.approx(steady_run.metrics["loss"], abs=1e-5)
     assert restarted.metrics["num_tokens"] == steady_run.metrics["num_tokens"]
     for folder in glob.glob(os.path.dirname(saving)):  # the killed worker's half-written save
