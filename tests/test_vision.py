@@ -65,18 +65,23 @@ def test_bad_image_fields_name_the_field(row, message):
         normalize({"prompt": "<image> what", "chosen": " red", "rejected": " blue", **row})
 
 
-@pytest.mark.parametrize("conversational", [True, False])
-def test_tokenization_and_pixel_values_match_trl(tiny_vlm, processor, conversational):
+@pytest.mark.parametrize("conversational, token_types", [(True, False), (False, False), (True, True)])
+def test_tokenization_and_pixel_values_match_trl(tiny_vlm, conversational, token_types):
     """The same rows through TRL 1.16's DataCollatorForVisionPreference and through raydpo's
-    tokenize + collate: the same tokens per sequence, the same completion tokens, the same pixel values."""
+    tokenize + collate: the same tokens per sequence, the same completion tokens, the same pixel values
+    and, for a processor that returns them (as Qwen2.5-VL's does), the same mm_token_type_ids."""
+    from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    processor.return_mm_token_type_ids = token_types
     rows = colour_rows(3, conversational)
     theirs = DataCollatorForVisionPreference(processor)([dict(row) for row in rows])
     tokenized = []
     for row in rows:
         pair = normalize(row)[1]
         tokenized.append({**tokenize_pair(processor, pair), "images": pair.images})
+    assert all(bool(t["prompt_token_types"]) == token_types for t in tokenized)
     ours = collate(tokenized, processor.tokenizer.pad_token_id, None, share_prompt=True,
                    image_processor=processor.image_processor)
     assert "gather_index" not in ours  # rows with images are never packed into shared-prompt sequences
@@ -86,6 +91,12 @@ def test_tokenization_and_pixel_values_match_trl(tiny_vlm, processor, conversati
         assert ours["completion_mask"][i][ours["attention_mask"][i].bool()].tolist() == \
             theirs["completion_mask"][i][keep].tolist()
     assert torch.equal(ours[IMAGE_INPUT + "pixel_values"], theirs["pixel_values"])  # chosen's images, then rejected's
+    assert (IMAGE_INPUT + "mm_token_type_ids" in ours) == token_types == ("mm_token_type_ids" in theirs)
+    if token_types:
+        for i in range(2 * len(rows)):
+            types = ours[IMAGE_INPUT + "mm_token_type_ids"][i][ours["attention_mask"][i].bool()]
+            assert types.tolist() == theirs["mm_token_type_ids"][i][theirs["attention_mask"][i].bool()].tolist()
+            assert types.sum() == 16  # one per image token
 
 
 def test_images_reach_the_forward_of_chosen_and_rejected(tiny_vlm, processor):

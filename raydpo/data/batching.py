@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from raydpo.data.images import image_inputs, num_images
+from raydpo.data.images import IMAGE_INPUT, image_inputs, num_images
 
 
 def micro_batches_per_epoch(num_rows: int, world_size: int, batch_size: int, accumulation: int) -> int:
@@ -72,12 +72,18 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
     """
     if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
         return collate_shared_prompt(rows, pad_token_id, max_length)
-    sequences, completion_masks = [], []
+    # e.g. Qwen2.5-VL's mm_token_type_ids: the processor's types for a vision prompt, 0 for text
+    types_key = next((row["token_types_key"] for row in rows if row.get("token_types_key")), None)
+    sequences, completion_masks, token_types = [], [], []
     for side in ("chosen_ids", "rejected_ids"):
         for row in rows:
             prompt, completion = list(row["prompt_ids"]), list(row[side])
             sequences.append(truncate(prompt + completion, max_length, truncation_mode))
             completion_masks.append(truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
+            if types_key:
+                types = row.get("prompt_token_types")  # a list, or an array from Ray Data
+                types = [0] * len(prompt) if types is None or len(types) == 0 else list(types)
+                token_types.append(truncate(types + [0] * len(completion), max_length, truncation_mode))
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -88,6 +94,11 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
         completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
              **image_inputs(rows, image_processor)}
+    if types_key:  # passed to the forward like the pixel values
+        types = torch.zeros_like(input_ids)
+        for i, values in enumerate(token_types):
+            types[i, :len(values)] = torch.tensor(values, dtype=torch.long)
+        batch[IMAGE_INPUT + types_key] = types
     return _with_reference_columns(batch, rows)
 
 

@@ -14,6 +14,7 @@ import os
 from typing import Any, List
 
 IMAGE_INPUT = "image:"  # batch keys "image:<name>" are the image processor's outputs, passed to the forward
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token image/text types some VLMs take
 
 
 def encode_image(value: Any) -> bytes:

@@ -21,7 +21,7 @@ import ray
 
 from raydpo.data import cache
 from raydpo.data.formats import RowError, format_difference, format_label, normalize
-from raydpo.data.images import decode_images, is_processor, multimodal_messages, text_tokenizer
+from raydpo.data.images import TOKEN_TYPE_KEYS, decode_images, is_processor, multimodal_messages, text_tokenizer
 from raydpo.data.sources import raw_rows, to_ray_dataset
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ TOKENIZED_SCHEMA = pa.schema([(c, _IDS) for c in TOKEN_COLUMNS] + [
     ("_prompt_len", pa.int32()), ("_chosen_len", pa.int32()), ("_rejected_len", pa.int32()),
     # Reference log-probs a row already carries (null when it has none): training uses them as they are.
     ("ref_chosen_logps", pa.float64()), ("ref_rejected_logps", pa.float64()),
-    ("images", pa.list_(pa.binary())), ("_images", pa.int32())])  # a vision row's encoded images, and how many
+    ("images", pa.list_(pa.binary())), ("_images", pa.int32()),  # a vision row's encoded images, and how many
+    # a vision prompt's per-token types from the processor (e.g. Qwen2.5-VL's mm_token_type_ids), and that name
+    ("prompt_token_types", _IDS), ("token_types_key", pa.string())])
+VISION_COLUMNS = ("images", "prompt_token_types", "token_types_key")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -156,10 +159,15 @@ def _tokenize_vision(processor, pair) -> dict:
     if image_token and prompt.count(image_token) != len(pair.images):
         raise RowError(f"field 'prompt' holds {prompt.count(image_token)} image placeholder(s) ({image_token!r}) for "
                        f"{len(pair.images)} image(s); a standard row's prompt places each image with that token")
-    prompt_ids = processor(images=decode_images(pair.images), text=[prompt], add_special_tokens=False)["input_ids"][0]
+    encoded = processor(images=decode_images(pair.images), text=[prompt], add_special_tokens=False)
     tokenizer = text_tokenizer(processor)
-    return {"prompt_ids": list(prompt_ids), "chosen_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"],
-            "rejected_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"], "prompt_cut": False}
+    # Models that place image tokens by a per-token type (Qwen2.5-VL's mm_token_type_ids, Gemma 3's
+    # token_type_ids) get the prompt's types from the processor; completion tokens are text (0).
+    key = next((name for name in TOKEN_TYPE_KEYS if name in encoded), "")
+    return {"prompt_ids": list(encoded["input_ids"][0]), "prompt_cut": False,
+            "chosen_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"],
+            "rejected_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"],
+            "prompt_token_types": [int(t) for t in encoded[key][0]] if key else [], "token_types_key": key}
 
 
 def _common_prefix_chars(a: str, b: str) -> int:
@@ -199,6 +207,8 @@ def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
         images = images if error is None else []
         out["images"].append(images)
         out["_images"].append(len(images))
+        out["prompt_token_types"].append(tokens.get("prompt_token_types", []))
+        out["token_types_key"].append(tokens.get("token_types_key", ""))
     return pa.table(out, schema=TOKENIZED_SCHEMA)
 
 
@@ -306,7 +316,7 @@ def finish(tokenized: "ray.data.Dataset", split_name: str, max_length: Optional[
     if vision and max_length is not None and truncation_mode == "keep_end":
         raise ValueError(f"{split_name} has images, and truncation_mode='keep_end' would cut the image tokens at the "
                          "start of the prompt: use truncation_mode='keep_start' (or max_length=None), as TRL requires")
-    dataset = tokenized.select_columns(list(TOKEN_COLUMNS) + carried + (["images"] if vision else [])).materialize()
+    dataset = tokenized.select_columns(list(TOKEN_COLUMNS) + carried + (list(VISION_COLUMNS) if vision else [])).materialize()
     return TokenizedData(dataset=dataset, num_rows=summary.rows, summary=summary, vision=vision)
 
 
