@@ -160,6 +160,8 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
         # Concurrent trials share the CPUs that one run would otherwise take alone (streamed: its pool's too).
         cpus = cluster.worker_resources(base.num_workers, False, None, pool_cpus(base))["CPU"]
         base_values["resources_per_worker"] = {"CPU": round(max(0.1, cpus / concurrency), 2)}
+        if base.torch_threads_per_worker is None:  # concurrent trials' workers share the cores, not each all of them
+            base_values["torch_threads_per_worker"] = max(1, (os.cpu_count() or 1) // (concurrency * base.num_workers))
         if base.stream_ref_log_probs and base.precompute_ref_resources is None:
             actor_cpus = cluster.streamed_actor_cpus(base.precompute_ref_num_actors)
             base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, actor_cpus / concurrency), 2)}
