@@ -82,7 +82,8 @@ class TokenizedData:
     vision: bool = False  # rows carry images (an "images" column of encoded bytes)
 
 
-def common_prefix_length(a: list, b: list) -> int:
+def common_prefix_length(a, b) -> int:
+    """Leading elements (token ids, or characters) a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -153,7 +154,7 @@ def _tokenize_vision(processor, pair) -> dict:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         full = [processor.apply_chat_template(messages + multimodal_messages(side, 0), **kwargs)
                 for side in (chosen, rejected)]
-        prompt = prompt[:min(_common_prefix_chars(prompt, text) for text in full)]
+        prompt = prompt[:min(common_prefix_length(prompt, text) for text in full)]
         chosen, rejected = (text[len(prompt):] for text in full)
     image_token = getattr(processor, "image_token", None)
     if image_token and prompt.count(image_token) != len(pair.images):
@@ -168,15 +169,6 @@ def _tokenize_vision(processor, pair) -> dict:
             "chosen_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"],
             "rejected_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"],
             "prompt_token_types": [int(t) for t in encoded[key][0]] if key else [], "token_types_key": key}
-
-
-def _common_prefix_chars(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _tokenize_block(table: pa.Table, tokenizer) -> pa.Table:
