@@ -66,15 +66,11 @@ def png_bytes(image) -> bytes:
 
 
 def to_json(value: Any):
-    """JSON form of a PIL image or bytes inside a row (sources.jsonable), read back by encode_image."""
-    if isinstance(value, (bytes, bytearray)):
-        return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
-    if hasattr(value, "save") and hasattr(value, "mode"):
-        return {"bytes": base64.b64encode(png_bytes(value)).decode("ascii")}
-    if type(value).__module__ == "numpy" and value.dtype.name == "uint8" and value.ndim in (2, 3):  # pixels
-        from PIL import Image
-
-        return {"bytes": base64.b64encode(png_bytes(Image.fromarray(value))).decode("ascii")}
+    """JSON form of a PIL image, a pixel array or bytes inside a row (sources.jsonable), read back by
+    encode_image; None for anything else."""
+    pixels = type(value).__module__ == "numpy" and value.dtype.name == "uint8" and value.ndim in (2, 3)
+    if isinstance(value, (bytes, bytearray)) or (hasattr(value, "save") and hasattr(value, "mode")) or pixels:
+        return {"bytes": base64.b64encode(_image_bytes(value)).decode("ascii")}
     return None
 
 

@@ -52,9 +52,6 @@ class MetricsHistory:
         self.rows.append(dict(metrics))
         self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
 
-    def get(self) -> list:
-        return self.rows
-
     def close(self) -> list:
         self.trackers.close()
         return self.rows
