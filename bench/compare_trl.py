@@ -33,6 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from raydpo.cluster import cpu_process_env  # noqa: E402
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 HH_RLHF = os.path.join(SHARED_DATA, "anthropics_hh-rlhf", "harmless-base", "test.jsonl.gz")
 VOCAB = 32000
@@ -122,9 +124,13 @@ class PeakMemory:
     def _run(self):
         import psutil
 
+        processes, tick = [], 0
         while not self._stop.is_set():
+            if tick % 10 == 0:  # finding Ray's workers scans every process: once a second, not each sample
+                processes = self.pick(psutil)
+            tick += 1
             total = 0
-            for process in self.pick(psutil):
+            for process in processes:
                 try:
                     total += process.memory_info().rss
                 except psutil.Error:
@@ -236,7 +242,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-noshare,raydpo-1-pre",
-                        help="trl, and raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare]")
+                        help="trl, trl-keepmem (with raydpo's malloc settings), and "
+                             "raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("RAYDPO_BENCH_PROFILE", "cpu"))
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
@@ -249,7 +256,7 @@ def main():
     rows = benchmark_rows(model_dir, PROFILE["batch"] * args.steps)
     if args.run:
         with tempfile.TemporaryDirectory() as output_dir:
-            if args.run == "trl":
+            if args.run in ("trl", "trl-keepmem"):
                 result = run_trl(model_dir, rows, args.steps, output_dir)
             else:
                 result = run_raydpo(model_dir, rows, args.steps, output_dir, args.run)
@@ -274,8 +281,10 @@ def main():
 
 def run_system(system: str, steps: int, work_dir: str, profile: str) -> dict:
     """One system in its own process (so its peak memory is its own); its result dict."""
+    # "trl-keepmem": TRL's process with the malloc settings raydpo gives its CPU workers (read at start)
+    env = {**os.environ, **(cpu_process_env() if system == "trl-keepmem" else {})}
     proc = subprocess.run([sys.executable, __file__, "--run", system, "--steps", str(steps), "--work-dir", work_dir,
-                           "--profile", profile], capture_output=True, text=True)
+                           "--profile", profile], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])

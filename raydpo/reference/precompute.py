@@ -130,11 +130,14 @@ def _load_cached(cache_dir: Optional[str], key: Optional[str]):
 
 
 def remote_args(config: DPOConfig) -> dict:
-    """Ray options of one reference actor (num_cpus, num_gpus, custom resources)."""
+    """Ray options of one reference actor (num_cpus, num_gpus, custom resources; a CPU actor's malloc
+    settings)."""
     resources = actor_resources(config)
     args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
     if resources:
         args["resources"] = resources
+    if not config.use_gpu and cluster.cpu_process_env():
+        args["runtime_env"] = {"env_vars": cluster.cpu_process_env()}
     return args
 
 

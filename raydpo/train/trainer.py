@@ -159,7 +159,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.save_total_limit,
                                                          checkpoint_score_attribute=best_metric,
                                                          checkpoint_score_order=best_mode),
-            callbacks=list(callbacks)),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": cluster.cpu_process_env()} if not config.use_gpu else None),
         datasets={name: data.dataset for name, data in datasets.items()},
         dataset_config=ContiguousShards(),
     )
