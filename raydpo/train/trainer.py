@@ -22,7 +22,8 @@ from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.loop import train_loop_per_worker
-from raydpo.train.trackers import Trackers, report_targets, tracker_env
+from raydpo.train.history import MetricsHistory
+from raydpo.train.trackers import report_targets, tracker_env
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
@@ -33,28 +34,6 @@ class TrainOutput:
     metrics: dict  # the last logged metrics
     history: List[dict] = field(default_factory=list)  # one dict per logging step, in order
     checkpoint: Optional[str] = None  # path of the latest checkpoint
-
-
-@ray.remote(num_cpus=0)
-class MetricsHistory:
-    """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster, and
-    hands them to the trackers of `report_to` (TensorBoard by default; see trackers.py)."""
-
-    def __init__(self, targets: List[str], run_dir: str, run_name: str, config: dict):
-        self.rows = []
-        self.trackers = Trackers(targets, run_dir, run_name, config)
-
-    def append(self, metrics: dict):
-        # After a restart from a checkpoint, steps past it are logged again: the new ones replace them.
-        step = metrics.get("global_step")
-        if step is not None:
-            self.rows = [row for row in self.rows if row.get("global_step", -1) < step]
-        self.rows.append(dict(metrics))
-        self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
-
-    def close(self) -> list:
-        self.trackers.close()
-        return self.rows
 
 
 def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> dict:
@@ -167,6 +146,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     # Ray Train's controller polls the workers every 2 s by default, which a short run (a sweep trial,
     # a test) waits out at start and end; 0.5 s costs nothing measurable. The driver's value reaches it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
+    # preempted node is restarted by max_failures. The watcher would be one more actor per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         result = trainer.fit()
     finally:
