@@ -23,7 +23,6 @@ def main(argv=None):
         rows = [to_trl(r) for r in read_rows(shared_file("torchtune", "tests", "assets", "stack_exchange_paired_tiny.json"), 12)]
         model, dataset = tiny_model(rows), rows
         config = DPOConfig(output_dir=args.output_dir or "outputs/sweep-tiny", **tiny_defaults(args, max_length=128))
-        concurrency = 1
     else:
         from datasets import load_dataset
 
@@ -33,9 +32,8 @@ def main(argv=None):
                            use_gpu=True, max_steps=args.max_steps or 500, logging_steps=25, save_steps=250,
                            learning_rate=5e-7, model_init_kwargs={"dtype": "bfloat16"},
                            deepspeed={"bf16": {"enabled": True}})
-        concurrency = None  # sized from the cluster's GPUs
-    return sweep(model, dataset, SPACE, args=config, scheduler="asha", metric="loss", mode="min",
-                 max_concurrent_trials=concurrency, name="beta-x-loss")
+    # concurrent trials: sized from the cluster (its GPUs, or on CPU its cores per trial's workers)
+    return sweep(model, dataset, SPACE, args=config, scheduler="asha", metric="loss", mode="min", name="beta-x-loss")
 
 
 if __name__ == "__main__":
