@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -139,6 +140,12 @@ def _setup_worker(config: DPOConfig):
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     # DeepSpeed JIT-builds a small op on first use; a shared cache folder pays that once per machine.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/raydpo/torch_extensions"))
+    # ...built by whichever `ninja` PATH finds first. Two versions (the environment's pip ninja and a
+    # system one, e.g. a job whose PATH has the venv's bin and one whose PATH has not) each rebuild
+    # what the other built, ~30 s every time: this Python environment's own bin comes first.
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = config.torch_threads_per_worker or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
