@@ -29,6 +29,9 @@ SCHEDULERS = (
 )
 TRUNCATION_MODES = ("keep_start", "keep_end")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")  # transformers 5's SaveStrategy
+# TrainingArguments.optim values raydpo builds as transformers' Trainer does (train/deepspeed.py).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 
 
 @dataclass
@@ -42,8 +45,17 @@ class DPOConfig:
     # --- optimisation ---
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    # Passed to transformers.get_scheduler as scheduler_specific_kwargs, e.g. {"min_lr_rate": 0.1} for
+    # "cosine_with_min_lr" or {"num_decay_steps": 100} for "warmup_stable_decay".
+    lr_scheduler_kwargs: Optional[dict] = None
+    # An int >= 1: steps (a float >= 1 is truncated, as transformers' get_warmup_steps does); a float in
+    # (0, 1): a ratio of the total steps, ceil(ratio * total). 0 falls back to warmup_ratio.
+    warmup_steps: Union[int, float] = 0
+    warmup_ratio: float = 0.0  # transformers 4's name (gone from transformers 5); warmup_steps wins when > 0
+    # transformers' TrainingArguments.optim; "adamw_torch_fused" is its default with torch >= 2.8, so TRL's.
+    # A DeepSpeed config with its own "optimizer" section overrides it (as in transformers' Trainer).
+    optim: str = "adamw_torch_fused"
+    # Biases and LayerNorm/RMSNorm weights are not decayed (transformers' get_decay_parameter_names).
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -56,14 +68,24 @@ class DPOConfig:
     seed: int = 42
 
     # --- logging and checkpoints ---
-    logging_steps: int = 10
-    save_steps: int = 500
+    # logging_steps, save_steps and eval_steps: an int >= 1 is a number of optimizer steps, a float in
+    # (0, 1) a ratio of the total steps, ceil(ratio * total) (transformers' TrainerState.compute_steps).
+    logging_steps: Union[int, float] = 10
+    logging_first_step: bool = False  # also log after step 1
+    # "steps": every save_steps; "epoch": at each epoch's end; "best": when the eval metric of
+    # metric_for_best_model beats its best so far; "no": never. Except with "no", the last step is
+    # always saved (save_model and push_to_hub need a checkpoint).
+    save_strategy: str = "steps"
+    save_steps: Union[int, float] = 500
 
     # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
     # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
     # epoch's end; the last step is always evaluated. Metrics are logged under "eval/".
     eval_strategy: str = "no"
-    eval_steps: Optional[int] = None
+    eval_steps: Optional[Union[int, float]] = None
+    # Evaluate before the first step too (a sanity check, as in transformers): logged at the starting
+    # step; neither early stopping nor the best checkpoint counts it.
+    eval_on_start: bool = False
     per_device_eval_batch_size: int = 8
     load_best_model_at_end: bool = False
     metric_for_best_model: Optional[str] = None  # e.g. "loss" or "rewards/accuracies" (of the eval set)
@@ -157,9 +179,9 @@ class DPOConfig:
             if value < 0 or (value == 0 and not allow_zero):
                 raise ValueError(f"DPOConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "num_workers"):
+        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_workers"):
             positive(name)
+        self._check_step_counts()
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "num_train_epochs", "beta"):
             positive(name, allow_zero=True)
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -170,6 +192,10 @@ class DPOConfig:
             raise ValueError("DPOConfig.num_train_epochs must be > 0 when max_steps is -1")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"DPOConfig.lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        if self.lr_scheduler_kwargs is not None and not isinstance(self.lr_scheduler_kwargs, dict):
+            raise ValueError(f"DPOConfig.lr_scheduler_kwargs must be a dict or None, got {self.lr_scheduler_kwargs!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"DPOConfig.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"DPOConfig.truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.max_length is not None and self.max_length < 2:
@@ -190,6 +216,22 @@ class DPOConfig:
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
         report_targets(self.report_to)  # names the unknown target
+
+    def _check_step_counts(self):
+        """A count of steps, or a ratio of the total steps when in (0, 1). As transformers, a count above 1
+        must be whole (warmup_steps excepted: get_warmup_steps truncates it)."""
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is None and name == "eval_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"DPOConfig.{name} must be an int >= 1 or a ratio of the total steps in (0, 1), "
+                                 f"got {value!r}")
+            if value >= 1:
+                if value != int(value):
+                    raise ValueError(f"DPOConfig.{name} must be an integer when > 1 (a float in (0, 1) is a ratio "
+                                     f"of the total steps), got {value!r}")
+                setattr(self, name, int(value))
 
     def _check_loss_options(self):
         types = self.loss_types
@@ -255,14 +297,35 @@ class DPOConfig:
         if (self.load_best_model_at_end or self.early_stopping_patience) and self.eval_strategy == "no":
             raise ValueError("DPOConfig.load_best_model_at_end and early_stopping_patience need evaluation: "
                              "set eval_strategy to 'steps' or 'epoch' (and pass an eval_dataset)")
-        if self.load_best_model_at_end and self.eval_strategy == "steps" and self.save_steps % self.eval_interval:
-            # as in transformers: every checkpoint must carry the eval metric it is ranked by
-            raise ValueError(f"DPOConfig.load_best_model_at_end needs save_steps ({self.save_steps}) to be a "
-                             f"multiple of eval_steps ({self.eval_interval})")
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise ValueError(f"DPOConfig.save_strategy must be one of {SAVE_STRATEGIES}, got {self.save_strategy!r}")
+        if self.save_strategy == "best" and self.eval_strategy == "no":
+            raise ValueError("DPOConfig.save_strategy='best' saves when the eval metric improves: set eval_strategy "
+                             "to 'steps' or 'epoch' (and pass an eval_dataset)")
+        if self.load_best_model_at_end and self.save_strategy != "best":
+            self._check_best_model_saves()
+
+    def _check_best_model_saves(self):
+        """transformers' rule: every checkpoint must carry the eval metric it is ranked by."""
+        if self.save_strategy != self.eval_strategy:
+            raise ValueError(f"DPOConfig.load_best_model_at_end requires save_strategy to match eval_strategy, "
+                             f"except when save_strategy='best' (as in transformers), but found "
+                             f"eval_strategy={self.eval_strategy!r}, save_strategy={self.save_strategy!r}")
+        save, every = self.save_steps, self.eval_interval
+        if self.eval_strategy != "steps" or save % every == 0:
+            return
+        if (save < 1) != (every < 1):
+            raise ValueError(f"DPOConfig.load_best_model_at_end needs save_steps to be a multiple of eval_steps, "
+                             f"which cannot be guaranteed when mixing a ratio and a step count: save_steps {save}, "
+                             f"eval_steps {every}")
+        if save >= 1 or (save * 1_000_000) % (every * 1_000_000):  # two ratios: transformers' test
+            raise ValueError(f"DPOConfig.load_best_model_at_end needs save_steps ({save}) to be a multiple of "
+                             f"eval_steps ({every})")
 
     @property
-    def eval_interval(self) -> int:
-        """Optimizer steps between evaluations under eval_strategy="steps"."""
+    def eval_interval(self) -> Union[int, float]:
+        """Optimizer steps between evaluations under eval_strategy="steps" (a ratio until the loop resolves
+        it against the total steps: schedule.resolve_ratios)."""
         return self.eval_steps or self.logging_steps
 
     @property

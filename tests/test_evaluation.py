@@ -16,8 +16,8 @@ def test_eval_schedule_follows_strategy():
     epoch = DPOConfig(eval_strategy="epoch")
     assert [s for s in range(1, 10) if eval_due(s, epoch, steps_per_epoch=4, last=s == 9)] == [4, 8, 9]
     assert [s for s in range(1, 10) if eval_due(s, DPOConfig(), 4, last=s == 9)] == [9]  # "no": the end only
-    best = DPOConfig(eval_strategy="epoch", load_best_model_at_end=True, save_steps=500)
-    assert save_due(4, best, last=False, evaluated=True) and not save_due(3, best, last=False, evaluated=False)
+    best = DPOConfig(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, save_steps=500)
+    assert save_due(4, best, 100, last=False, evaluated=True) and not save_due(3, best, 100, last=False, evaluated=False)
 
 
 def test_early_stopping_counts_like_transformers():

@@ -27,7 +27,7 @@ from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_mod
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
-from raydpo.train.schedule import EarlyStopping, eval_due, log_due, save_due
+from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
 
 
 def load_model(path: str, config: DPOConfig):
@@ -155,8 +155,8 @@ def _setup_worker(config: DPOConfig):
 
 
 def train_loop_per_worker(loop_config: dict):
-    config = DPOConfig(**loop_config["config"])
     plan = loop_config["plan"]
+    config = resolve_ratios(DPOConfig(**loop_config["config"]), plan["total_steps"])
     rank, world_size = _setup_worker(config)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
@@ -184,6 +184,12 @@ def train_loop_per_worker(loop_config: dict):
     accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
     window_started, window_start_step = time.perf_counter(), step
     finished = step >= plan["total_steps"]
+    if eval_rows and config.eval_on_start and not finished:
+        # transformers' sanity check before training: logged, but not counted by early stopping
+        metrics = evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config)
+        _log(metrics, step, steps_per_epoch, rank, loop_config, plan["total_steps"])
+        ray.train.report(metrics)
+        window_started = time.perf_counter()
     while not finished:
         epoch = step // steps_per_epoch
         order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
@@ -221,11 +227,8 @@ def train_loop_per_worker(loop_config: dict):
                 metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config))
                 last = early_stopping.update(metrics) or last
             if metrics:
-                metrics.update(epoch=step / steps_per_epoch, global_step=step)
-                if rank == 0:
-                    ray.get(loop_config["history"].append.remote(metrics))
-                    print(_progress_line(metrics, plan["total_steps"]), flush=True)
-            if save_due(step, config, last, evaluated):
+                _log(metrics, step, steps_per_epoch, rank, loop_config, plan["total_steps"])
+            if save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best):
                 _save_and_report(engine, rank, ds_config, loop_config, metrics, step,
                                  {"global_step": step, "num_tokens": window.total_tokens,
                                   "early_stopping": early_stopping.state()},
@@ -240,6 +243,14 @@ def train_loop_per_worker(loop_config: dict):
 
 
 SAVE_PREFIX = "raydpo-checkpoint-"  # local folder a checkpoint is written to before Ray Train takes it
+
+
+def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config: dict, total_steps: int):
+    """Stamp the metrics with the step and epoch; rank 0 records them and prints the progress line."""
+    metrics.update(epoch=step / steps_per_epoch, global_step=step)
+    if rank == 0:
+        ray.get(loop_config["history"].append.remote(metrics))
+        print(_progress_line(metrics, total_steps), flush=True)
 
 
 def _require_finite(name: str, value: float, step: int):
