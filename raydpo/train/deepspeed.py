@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
-import math
+import types
 
 from raydpo.config import DPOConfig
+from raydpo.train.schedule import warmup_steps
 
 
 def _fill(section: dict, key: str, value):
@@ -22,6 +23,26 @@ def build_deepspeed_config(config: DPOConfig, world_size: int) -> dict:
     _fill(ds, "gradient_clipping", config.max_grad_norm)
     zero = ds.setdefault("zero_optimization", {})
     _fill(zero, "stage", config.zero_stage if config.zero_stage is not None else (0 if world_size == 1 else 2))
+    if deepspeed_builds_optimizer(ds, config):
+        _fill_optimizer_section(ds, config)
+    else:
+        # raydpo builds config.optim as transformers' Trainer does; like Trainer, it tells ZeRO that an
+        # optimizer other than its Adam variants is fine, and lets it run where ZeRO-Offload puts the states.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds.setdefault("steps_per_print", 10**9)  # raydpo prints its own progress lines
+    return ds
+
+
+def deepspeed_builds_optimizer(ds: dict, config: DPOConfig) -> bool:
+    """The rule (as transformers' Trainer): a DeepSpeed config with an "optimizer" section gets that
+    optimizer and `optim` is ignored; otherwise raydpo builds `optim`. One exception keeps ZeRO-Offload
+    fast: with the optimizer offloaded, the AdamW family is DeepSpeed's CPU Adam (the same update)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return "optimizer" in ds or (offload != "none" and config.optim.startswith("adamw"))
+
+
+def _fill_optimizer_section(ds: dict, config: DPOConfig):
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     params = optimizer.setdefault("params", {})
     _fill(params, "lr", config.learning_rate)
@@ -32,8 +53,6 @@ def build_deepspeed_config(config: DPOConfig, world_size: int) -> dict:
         # On CPU: torch's AdamW rather than DeepSpeed's compiled CPU Adam (no build toolchain needed).
         params.setdefault("torch_adam", True)
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    ds.setdefault("steps_per_print", 10**9)  # raydpo prints its own progress lines
-    return ds
 
 
 def reference_deepspeed_config(train_config: dict) -> dict:
@@ -49,21 +68,62 @@ def reference_deepspeed_config(train_config: dict) -> dict:
     }
 
 
-def warmup_steps(config: DPOConfig, total_steps: int) -> int:
-    return config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * total_steps)
+def param_groups(model, weight_decay=None) -> list:
+    """transformers' Trainer groups: biases and LayerNorm/RMSNorm weights get no weight decay. With
+    weight_decay None the decayed group takes the optimizer's own (a DeepSpeed "optimizer" section's)."""
+    from transformers import Trainer
+
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # a Trainer method that ignores self
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = {"params": [p for name, p in named if name in decayed]}
+    if weight_decay is not None:
+        decay["weight_decay"] = weight_decay
+    return [decay, {"params": [p for name, p in named if name not in decayed], "weight_decay": 0.0}]
+
+
+def build_optimizer(config: DPOConfig, groups: list):
+    """config.optim over these groups, with the class and arguments transformers' Trainer picks."""
+    from transformers import Trainer
+    from transformers.training_args import OptimizerNames
+
+    args = types.SimpleNamespace(optim=OptimizerNames(config.optim), optim_args=None, learning_rate=config.learning_rate,
+                                 adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+                                 adam_epsilon=config.adam_epsilon)
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return optimizer_cls(groups, **kwargs)
+
+
+def build_lr_scheduler(config: DPOConfig, optimizer, total_steps: int):
+    """transformers' get_scheduler, as Trainer.create_scheduler calls it; a bad lr_scheduler_kwargs is named."""
+    from transformers import get_scheduler
+
+    try:
+        return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(config, total_steps),
+                             num_training_steps=total_steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"DPOConfig.lr_scheduler_kwargs {config.lr_scheduler_kwargs!r} do not fit "
+                         f"lr_scheduler_type {config.lr_scheduler_type!r}: {error}") from error
+
+
+def check_lr_scheduler(config: DPOConfig, total_steps: int):
+    """Build the schedule once on the driver, so a bad lr_scheduler_kwargs fails before any worker starts."""
+    import torch
+
+    build_lr_scheduler(config, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate),
+                       total_steps)
 
 
 def initialize_policy(model, ds_config: dict, config: DPOConfig, total_steps: int):
-    """Wrap the policy in a DeepSpeed engine with transformers' LR scheduler."""
+    """Wrap the policy in a DeepSpeed engine with transformers' optimizer, parameter groups and LR scheduler."""
     import deepspeed
-    from transformers import get_scheduler
 
-    def scheduler(optimizer):
-        return get_scheduler(config.lr_scheduler_type, optimizer,
-                             num_warmup_steps=warmup_steps(config, total_steps), num_training_steps=total_steps)
-
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                           config=ds_config, lr_scheduler=scheduler)
+    if "optimizer" in ds_config:  # DeepSpeed builds it (deepspeed_builds_optimizer), over Trainer's groups
+        groups, optimizer = param_groups(model), None
+    else:
+        groups = param_groups(model, config.weight_decay)
+        optimizer = build_optimizer(config, groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lambda opt: build_lr_scheduler(config, opt, total_steps))
     return engine
 
 

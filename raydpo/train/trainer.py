@@ -21,6 +21,7 @@ from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.checkpoint import MODEL_DIR
+from raydpo.train.deepspeed import check_lr_scheduler
 from raydpo.train.loop import train_loop_per_worker
 from raydpo.train.history import MetricsHistory
 from raydpo.train.trackers import report_targets, tracker_env
@@ -95,6 +96,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first
     (to the eval split too); stream_ref_log_probs: the pool scores them beside the training workers.
     With load_best_model_at_end the returned checkpoint is the best one."""
+    plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
+    check_lr_scheduler(config, plan["total_steps"])  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
     if config.precompute_ref_log_probs:
         datasets = {name: with_reference_logps(data, config, model, ref_model, tokenizer)
@@ -106,7 +109,6 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         if any(needs_precompute(data.dataset) for data in datasets.values()):
             reference_pool = start_reference_pool(reference_model_path(model, ref_model), config,
                                                   text_tokenizer(tokenizer).pad_token_id)
-    plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = _absolute(config.storage_path or config.output_dir)
