@@ -90,3 +90,62 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
     for name in COMPARED:
         assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
     assert theirs["rewards/margins"] != 0.0  # a real comparison: policy and reference differ
+
+
+# --- several optimizer steps through Ray: TrainingArguments semantics (issue 16) ---
+
+MULTI_STEP = dict(learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine_with_min_lr",
+                  lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.34, max_grad_norm=0.05,
+                  gradient_accumulation_steps=2, max_steps=5, logging_steps=1, max_length=32, seed=0,
+                  eval_strategy="steps", eval_steps=0.4, eval_on_start=True, per_device_eval_batch_size=2)
+STEP_METRICS = ["loss", "grad_norm", "learning_rate", "rewards/chosen", "logps/chosen"]
+EVAL_METRICS = ["loss", "rewards/chosen", "logps/chosen"]
+
+
+def trl_steps(model_path, ref_path, rows, eval_rows, output_dir, batch_size) -> tuple:
+    """TRL's logged training steps, and its evaluations by step."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    args = TRLConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, report_to="none",
+                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, **MULTI_STEP)
+    trainer = TRLTrainer(model=AutoModelForCausalLM.from_pretrained(model_path),
+                         ref_model=AutoModelForCausalLM.from_pretrained(ref_path), args=args,
+                         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(eval_rows),
+                         processing_class=AutoTokenizer.from_pretrained(model_path))
+    trainer.train()
+    history = trainer.state.log_history
+    return [h for h in history if "loss" in h], {h["step"]: h for h in history if "eval_loss" in h}
+
+
+def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, reference_model, parity_rows, tmp_path):
+    """Five optimizer steps: AdamW (TRL's default, fused) with weight decay and Trainer's no-decay groups,
+    a ratio warmup into cosine_with_min_lr, clipping, accumulation; raydpo on 2 workers (ZeRO-2), TRL on
+    one process with the same global batch. The data set is one global batch, so every step of both
+    trains on all its rows: the shuffle (raydpo's group_by_length, TRL's sampler) cannot change a step.
+    Evaluations: eval_on_start, then every ceil(0.4 * 5) = 2 steps and at the end."""
+    from raydpo import DPOTrainer
+
+    rows, eval_rows = parity_rows[:8], parity_rows[8:12]  # 2 workers x 2 pairs x 2 micro-batches = TRL's 4 x 2
+    theirs, their_evals = trl_steps(tiny_model, reference_model, rows, eval_rows, str(tmp_path / "trl"), batch_size=4)
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=2, per_device_train_batch_size=2,
+                       save_strategy="no", report_to="none", **MULTI_STEP)
+    out = DPOTrainer(tiny_model, ref_model=reference_model, args=config, train_dataset=rows,
+                     eval_dataset=eval_rows).train()
+    ours = [h for h in out.history if "loss" in h]
+    our_evals = {h["global_step"]: h for h in out.history if "eval/loss" in h}
+
+    assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2, 3, 4, 5]
+    for step, (mine, trl) in enumerate(zip(ours, theirs), start=1):
+        for name in STEP_METRICS:
+            assert mine[name] == pytest.approx(trl[name], rel=1e-4, abs=1e-7), (step, name)
+    assert sorted(our_evals) == sorted(their_evals) == [0, 2, 4, 5]
+    for step, trl in their_evals.items():
+        for name in EVAL_METRICS:
+            assert our_evals[step][f"eval/{name}"] == pytest.approx(trl[f"eval_{name}"], rel=1e-4, abs=1e-7), (step, name)
+    assert out.checkpoint is None  # save_strategy="no"
+    assert all(h["grad_norm"] > MULTI_STEP["max_grad_norm"] for h in theirs)  # clipping was active
+    rates = [h["learning_rate"] for h in theirs]  # warmup ceil(0.34 * 5) = 2 steps, then down to 10%
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(5e-3) and rates[2] == pytest.approx(1e-2)
