@@ -216,8 +216,10 @@ class DPOTrainer:
         if vision and (self.args.precompute_ref_log_probs or self.args.stream_ref_log_probs):
             raise ValueError("precompute_ref_log_probs and stream_ref_log_probs are not supported for rows with images "
                              "(as in TRL): the reference actors score text batches only; use the in-worker reference")
-        if self.eval_data is None and (self.args.load_best_model_at_end or self.args.early_stopping_patience):
-            raise ValueError("load_best_model_at_end and early_stopping_patience need an eval_dataset")
+        if self.eval_data is None and (self.args.load_best_model_at_end or self.args.early_stopping_patience
+                                       or self.args.save_strategy == "best"):
+            raise ValueError("load_best_model_at_end, early_stopping_patience and save_strategy='best' need an "
+                             "eval_dataset")
 
     def train(self) -> TrainOutput:
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
@@ -229,7 +231,7 @@ class DPOTrainer:
         """Copy the trained policy (a plain transformers folder, with the tokenizer) to output_dir. With
         PEFT it is the adapter folder (with the tokenizer) that `PeftModel.from_pretrained(base, dir)` loads."""
         if self.state is None or self.state.checkpoint is None:
-            raise RuntimeError("save_model needs a finished train() with a checkpoint")
+            raise RuntimeError("save_model needs a finished train() with a checkpoint (save_strategy='no' saves none)")
         output_dir = output_dir or self.args.output_dir
         return export_model(self.state.checkpoint, output_dir)
 
