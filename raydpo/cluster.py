@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Optional
 
 import ray
@@ -44,7 +46,6 @@ def _cpus_for_actors() -> float:
     return total - 1.0 if total >= 2 else total / 2
 
 
-
 def cpu_process_env() -> dict:
     """Environment variables for a CPU training or reference process: glibc's malloc keeps freed memory.
 
@@ -57,3 +58,28 @@ def cpu_process_env() -> dict:
     if os.environ.get("RAYDPO_KEEP_FREED_MEMORY", "1") == "0":
         return {}
     return {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_ARENA_MAX": "1"}
+
+
+def ray_log_level(log_level: str) -> str:
+    """The level of Ray Train's and Ray Data's console logs for DPOConfig.log_level: "passive" keeps
+    their INFO lines (a ~700-character "Reporting training result" per step and worker, each dataset's
+    execution plan) out of the output; Ray's log files under the session folder keep everything."""
+    return "WARNING" if log_level == "passive" else log_level.upper()
+
+
+def quiet_logs(log_level: str, worker: bool = False) -> None:
+    """Set this process's loggers for DPOConfig.log_level (driver and training workers; Ray Train's own
+    logger is set through RunConfig.logging_config). Warnings and errors always get through."""
+    logging.getLogger("ray.data").setLevel(ray_log_level(log_level))
+    if log_level == "passive":
+        # Ray Data's notice that its progress bars are off: raydpo turns them off on purpose.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    if not worker:
+        return
+    if log_level != "passive":  # as transformers' Trainer does with log_level
+        import transformers
+
+        transformers.logging.set_verbosity(getattr(logging, log_level.upper()))
+    if log_level in ("passive", "warning", "error", "critical"):
+        # DeepSpeed's ZeRO calls a torch.distributed function that torch deprecated; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)

@@ -29,6 +29,7 @@ SCHEDULERS = (
 )
 TRUNCATION_MODES = ("keep_start", "keep_end")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
+LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")  # transformers' TrainingArguments.log_level
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")  # transformers 5's SaveStrategy
 # TrainingArguments.optim values raydpo builds as transformers' Trainer does (train/deepspeed.py).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
@@ -72,6 +73,11 @@ class DPOConfig:
     # (0, 1) a ratio of the total steps, ceil(ratio * total) (transformers' TrainerState.compute_steps).
     logging_steps: Union[int, float] = 10
     logging_first_step: bool = False  # also log after step 1
+    # transformers' name and values. What the run prints beside raydpo's own progress lines: "passive"
+    # (the default) keeps Ray Train's and Ray Data's per-step and per-dataset INFO lines out of the
+    # output (they still go to Ray's log files); "debug"/"info" show them, "warning"/"error"/"critical"
+    # also set transformers' verbosity in the workers. Warnings and errors always show.
+    log_level: str = "passive"
     # "steps": every save_steps; "epoch": at each epoch's end; "best": when the eval metric of
     # metric_for_best_model beats its best so far; "no": never. Except with "no", the last step is
     # always saved (save_model and push_to_hub need a checkpoint).
@@ -216,6 +222,8 @@ class DPOConfig:
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
         report_targets(self.report_to)  # names the unknown target
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"DPOConfig.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
     def _check_step_counts(self):
         """A count of steps, or a ratio of the total steps when in (0, 1). As transformers, a count above 1

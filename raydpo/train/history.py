@@ -19,6 +19,7 @@ class MetricsHistory:
 
     def __init__(self, targets: List[str], run_dir: str, run_name: str, config: dict):
         self.rows = []
+        self.logged = []  # every dict in the order it arrived, re-logged steps included: the progress display reads it
         self.trackers = Trackers(targets, run_dir, run_name, config)
 
     def append(self, metrics: dict):
@@ -27,7 +28,12 @@ class MetricsHistory:
         if step is not None:
             self.rows = [row for row in self.rows if row.get("global_step", -1) < step]
         self.rows.append(dict(metrics))
+        self.logged.append(dict(metrics))
         self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
+
+    def logged_since(self, count: int) -> list:
+        """The dicts logged after the first `count`."""
+        return self.logged[count:]
 
     def close(self) -> list:
         self.trackers.close()

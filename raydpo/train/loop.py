@@ -18,6 +18,7 @@ import ray
 import ray.train
 import torch
 
+from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order, row_length, token_counts
 from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
@@ -137,6 +138,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
 
 def _setup_worker(config: DPOConfig):
     context = ray.train.get_context()
+    cluster.quiet_logs(config.log_level, worker=True)
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
     # DeepSpeed JIT-builds a small op on first use; a shared cache folder pays that once per machine.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/raydpo/torch_extensions"))
@@ -187,7 +189,7 @@ def train_loop_per_worker(loop_config: dict):
     if eval_rows and config.eval_on_start and not finished:
         # transformers' sanity check before training: logged, but not counted by early stopping
         metrics = evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config)
-        _log(metrics, step, steps_per_epoch, rank, loop_config, plan["total_steps"])
+        _log(metrics, step, steps_per_epoch, rank, loop_config)
         ray.train.report(metrics)
         window_started = time.perf_counter()
     while not finished:
@@ -227,7 +229,7 @@ def train_loop_per_worker(loop_config: dict):
                 metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config))
                 last = early_stopping.update(metrics) or last
             if metrics:
-                _log(metrics, step, steps_per_epoch, rank, loop_config, plan["total_steps"])
+                _log(metrics, step, steps_per_epoch, rank, loop_config)
             if save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best):
                 _save_and_report(engine, rank, ds_config, loop_config, metrics, step,
                                  {"global_step": step, "num_tokens": window.total_tokens,
@@ -245,12 +247,11 @@ def train_loop_per_worker(loop_config: dict):
 SAVE_PREFIX = "raydpo-checkpoint-"  # local folder a checkpoint is written to before Ray Train takes it
 
 
-def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config: dict, total_steps: int):
-    """Stamp the metrics with the step and epoch; rank 0 records them and prints the progress line."""
+def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config: dict):
+    """Stamp the metrics with the step and epoch; rank 0 records them (the driver prints them: progress.py)."""
     metrics.update(epoch=step / steps_per_epoch, global_step=step)
     if rank == 0:
         ray.get(loop_config["history"].append.remote(metrics))
-        print(_progress_line(metrics, total_steps), flush=True)
 
 
 def _require_finite(name: str, value: float, step: int):
@@ -274,10 +275,3 @@ def _grad_norm(model) -> float:
     """Global L2 norm of the (already all-reduced) gradients."""
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _progress_line(metrics: dict, total_steps: int) -> str:
-    shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "learning_rate": "lr",
-             "eval/loss": "eval_loss", "eval/rewards/accuracies": "eval_acc"}
-    values = " ".join(f"{label} {metrics[name]:.4g}" for name, label in shown.items() if name in metrics)
-    return f"[raydpo] step {metrics['global_step']}/{total_steps} epoch {metrics['epoch']:.2f} {values}"

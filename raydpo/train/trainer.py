@@ -24,6 +24,7 @@ from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
 from raydpo.train.loop import train_loop_per_worker
 from raydpo.train.history import MetricsHistory
+from raydpo.train.progress import ProgressPrinter
 from raydpo.train.trackers import report_targets, tracker_env
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
@@ -141,6 +142,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
                                                          checkpoint_score_attribute=best_metric,
                                                          checkpoint_score_order=best_mode),
             callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level=cluster.ray_log_level(config.log_level)),
             worker_runtime_env={"env_vars": cluster.cpu_process_env()} if not config.use_gpu else None),
         datasets={name: data.dataset for name, data in datasets.items()},
         dataset_config=ContiguousShards(),
@@ -151,8 +153,10 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
     # preempted node is restarted by max_failures. The watcher would be one more actor per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    cluster.quiet_logs(config.log_level)
     try:
-        result = trainer.fit()
+        with ProgressPrinter(lambda count: ray.get(history.logged_since.remote(count)), plan["total_steps"]):
+            result = trainer.fit()
     finally:
         stop_reference_pool(reference_pool)
     rows = ray.get(history.close.remote())
@@ -205,6 +209,7 @@ class DPOTrainer:
         self.train_dataset_description = hub.describe_dataset(train_dataset)  # for push_to_hub's card
 
         cluster.connect(self.args.ray_address)
+        cluster.quiet_logs(self.args.log_level)
         self.train_data = prepare_dataset(train_dataset, self.processing_class, self.args)
         self.eval_data = (prepare_dataset(eval_dataset, self.processing_class, self.args, split_name="eval_dataset")
                           if eval_dataset is not None else None)

@@ -61,12 +61,37 @@ def _print_table(table: list, columns: list, best: Optional[dict]):
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)) + mark)
 
 
-def _plot(trials: list, metric: str, path: str):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(history: list, path: str, metrics=("loss", "eval/rewards/accuracies"), title: str = "") -> str:
+    """One run's learning curves, a panel per metric against global_step (a metric logged only at
+    evaluation steps has a point per evaluation). Returns the PNG's path."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        points = [(h["global_step"], h[metric]) for h in history if metric in h and "global_step" in h]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3)
+        ax.set_xlabel("global_step")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot(trials: list, metric: str, path: str):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trial in trials:
         points = [(h["global_step"], h[metric]) for h in trial["history"] if metric in h and "global_step" in h]
