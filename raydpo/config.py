@@ -80,7 +80,7 @@ class DPOConfig:
 
     # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
     # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
-    # epoch's end; the last step is always evaluated. Metrics are logged under "eval/".
+    # epoch's end; the last step is always evaluated. Metrics are logged as "eval_<name>" (transformers' names).
     eval_strategy: str = "no"
     eval_steps: Optional[Union[int, float]] = None
     # Evaluate before the first step too (a sanity check, as in transformers): logged at the starting
@@ -332,10 +332,10 @@ class DPOConfig:
     def best_metric(self) -> tuple:
         """(metric name in the logs, "max" or "min") that ranks checkpoints and drives early stopping."""
         name = self.metric_for_best_model or "loss"
-        for prefix in ("eval/", "eval_"):  # accept "eval_loss" as transformers spells it
+        for prefix in ("eval_", "eval/"):  # "eval_loss" as transformers spells it; "eval/loss" as an alias
             name = name[len(prefix):] if name.startswith(prefix) else name
         greater = self.greater_is_better if self.greater_is_better is not None else not name.endswith("loss")
-        return f"eval/{name}", "max" if greater else "min"
+        return f"eval_{name}", "max" if greater else "min"
 
     @property
     def loss_types(self) -> list:

@@ -1,4 +1,4 @@
-"""Evaluation during training: eval/ metrics, early stopping, load_best_model_at_end."""
+"""Evaluation during training: eval_ metrics, early stopping, load_best_model_at_end."""
 
 import math
 
@@ -24,15 +24,17 @@ def test_early_stopping_counts_like_transformers():
     config = DPOConfig(eval_strategy="steps", early_stopping_patience=2, early_stopping_threshold=0.1,
                        metric_for_best_model="eval_loss")
     stopper = EarlyStopping(config)
-    assert (stopper.metric, stopper.greater) == ("eval/loss", False)
-    decisions = [stopper.update({"eval/loss": v}) for v in (1.0, 0.95, 0.5, 0.45, 0.44)]
+    assert (stopper.metric, stopper.greater) == ("eval_loss", False)
+    decisions = [stopper.update({"eval_loss": v}) for v in (1.0, 0.95, 0.5, 0.45, 0.44)]
     # 0.95 beats 1.0 by less than the threshold: no reset, but it is the new best (as in transformers)
     assert decisions == [False, False, False, False, True]
     assert stopper.best == pytest.approx(0.44)
     restored = EarlyStopping(config, stopper.state())
     assert (restored.best, restored.evals_without_improvement) == (stopper.best, 2)
     accuracy = EarlyStopping(DPOConfig(eval_strategy="steps", metric_for_best_model="rewards/accuracies"))
-    assert (accuracy.metric, accuracy.greater) == ("eval/rewards/accuracies", True)
+    assert (accuracy.metric, accuracy.greater) == ("eval_rewards/accuracies", True)
+    for name in ("loss", "eval_loss", "eval/loss"):  # transformers' spellings, and raydpo's former one
+        assert DPOConfig(metric_for_best_model=name).best_metric == ("eval_loss", "min")
 
 
 @pytest.mark.parametrize("values, message", [
@@ -68,11 +70,11 @@ def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model
     out = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40], eval_dataset=eval_rows).train()
 
     assert [h["global_step"] for h in out.history] == [1, 2, 3, 4]  # stopped early
-    evaluated = {h["global_step"]: h for h in out.history if "eval/loss" in h}
+    evaluated = {h["global_step"]: h for h in out.history if "eval_loss" in h}
     assert sorted(evaluated) == [2, 4]
     for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "entropy", "logits/chosen"):
-        assert all(math.isfinite(h[f"eval/{name}"]) for h in evaluated.values()), name
-    best_step = min(evaluated, key=lambda s: evaluated[s]["eval/loss"])
+        assert all(math.isfinite(h[f"eval_{name}"]) for h in evaluated.values()), name
+    best_step = min(evaluated, key=lambda s: evaluated[s]["eval_loss"])
     assert out.checkpoint.endswith(f"checkpoint-{best_step}")
 
     # The logged eval metrics are those of the saved model, recomputed here without Ray.
@@ -80,7 +82,7 @@ def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model
     scores = preference_scores(AutoModelForCausalLM.from_pretrained(f"{out.checkpoint}/model"), tokenizer,
                                eval_rows, beta=args.beta, max_length=32,
                                ref_model=AutoModelForCausalLM.from_pretrained(tiny_model))
-    assert evaluated[best_step]["eval/rewards/margins"] == pytest.approx(scores["reward_margin"], abs=1e-4)
-    assert evaluated[best_step]["eval/rewards/accuracies"] == pytest.approx(scores["reward_accuracy"])
+    assert evaluated[best_step]["eval_rewards/margins"] == pytest.approx(scores["reward_margin"], abs=1e-4)
+    assert evaluated[best_step]["eval_rewards/accuracies"] == pytest.approx(scores["reward_accuracy"])
     events = list(tmp_path.glob("run/tensorboard/events.out.tfevents.*"))
     assert events and b"eval/rewards/accuracies" in events[0].read_bytes()

@@ -130,12 +130,12 @@ def test_reference_modes_agree(ray_session, tiny_model, parity_rows, tmp_path):
     for mode, options in modes.items():
         config = e2e_config(tmp_path / mode, max_steps=3, eval_strategy="steps", eval_steps=3, **options)
         out = DPOTrainer(tiny_model, args=config, train_dataset=rows, eval_dataset=eval_rows).train()
-        first[mode] = {**out.history[0], **{k: v for k, v in out.history[-1].items() if k.startswith("eval/")}}
+        first[mode] = {**out.history[0], **{k: v for k, v in out.history[-1].items() if k.startswith("eval_")}}
     a = first["in_worker"]
     for mode in ("precomputed", "streamed"):
         b = first[mode]
         for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                     "logps/rejected", "eval/loss", "eval/rewards/margins"):
+                     "logps/rejected", "eval_loss", "eval_rewards/margins"):
             assert b[name] == pytest.approx(a[name], abs=1e-5), (mode, name)
 
 

@@ -113,7 +113,7 @@ def micro_batch_rows(reference, rows: list, index_batches: list):
 
 
 def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
-    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval/<metric>"."""
+    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
     if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
         reference.fill(rows, size)
@@ -132,7 +132,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
     engine.train()
     metrics = window.reduce()
     del metrics["num_tokens"]  # a training counter
-    return {f"eval/{name}": value for name, value in metrics.items()}
+    return {f"eval_{name}": value for name, value in metrics.items()}
 
 
 def _setup_worker(config: DPOConfig):
@@ -278,6 +278,6 @@ def _grad_norm(model) -> float:
 
 def _progress_line(metrics: dict, total_steps: int) -> str:
     shown = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "learning_rate": "lr",
-             "eval/loss": "eval_loss", "eval/rewards/accuracies": "eval_acc"}
+             "eval_loss": "eval_loss", "eval_rewards/accuracies": "eval_acc"}
     values = " ".join(f"{label} {metrics[name]:.4g}" for name, label in shown.items() if name in metrics)
     return f"[raydpo] step {metrics['global_step']}/{total_steps} epoch {metrics['epoch']:.2f} {values}"
