@@ -32,6 +32,7 @@ EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")  # transformers 5's SaveStrategy
 # TrainingArguments.optim values raydpo builds as transformers' Trainer does (train/deepspeed.py).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
+HUB_STRATEGIES = ("end", "every_save")  # of transformers' HubStrategy
 
 
 @dataclass
@@ -41,6 +42,15 @@ class DPOConfig:
     run_name: Optional[str] = None
     # Where logged metrics go: "tensorboard", "mlflow", "wandb" (a list, "all" or "none"); train/trackers.py.
     report_to: Union[str, List[str]] = "tensorboard"
+    # --- the Hugging Face Hub (transformers' names and defaults; README "Uploading to the Hugging Face Hub") ---
+    # push_to_hub: train() uploads the trained model (save_model's folder, with a model card) to
+    # hub_model_id (None: the name of output_dir). hub_strategy "every_save" also uploads each saved
+    # checkpoint's model while training runs; "end" only at the end.
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_strategy: str = "every_save"
+    hub_token: Optional[str] = dataclasses.field(default=None, repr=False)  # None: huggingface_hub's own
+    hub_private_repo: Optional[bool] = None  # None: the Hub's default (or the existing repo's visibility)
 
     # --- optimisation ---
     learning_rate: float = 1e-6
@@ -216,6 +226,11 @@ class DPOConfig:
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
         report_targets(self.report_to)  # names the unknown target
+        if self.hub_strategy not in HUB_STRATEGIES:
+            other = " (transformers' checkpoint-folder strategies are not supported)" if self.hub_strategy in (
+                "checkpoint", "all_checkpoints") else ""
+            raise ValueError(f"DPOConfig.hub_strategy must be one of {HUB_STRATEGIES}, got {self.hub_strategy!r}"
+                             + other)
 
     def _check_step_counts(self):
         """A count of steps, or a ratio of the total steps when in (0, 1). As transformers, a count above 1
