@@ -5,6 +5,8 @@ import math
 import pytest
 
 from raydpo import DPOConfig, DPOTrainer
+from test_hub import hub  # noqa: F401  (the imitated Hub, a fixture)
+from test_model_objects import Recorder
 from raydpo.train.schedule import EarlyStopping, eval_due, save_due
 
 
@@ -55,9 +57,11 @@ def test_early_stopping_needs_an_eval_dataset(ray_session, tiny_model, parity_ro
         DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:8])
 
 
-def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model, parity_rows, tmp_path):
+def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model, parity_rows, tmp_path, hub):
     """ZeRO-3 on 2 workers with 5 eval rows in batches of 2: worker 0 runs a padding forward. A huge
-    threshold makes the second evaluation (step 4 of 8) stop the run."""
+    threshold makes the second evaluation (step 4 of 8) stop the run. The same run delivers its events to
+    a TrainerCallback, pushes each checkpoint and the final model to an imitated Hub (push_to_hub,
+    hub_strategy="every_save"), and trainer.evaluate() recomputes the best step's eval metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydpo.evaluate import preference_scores
@@ -66,8 +70,16 @@ def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model
     args = DPOConfig(output_dir=str(tmp_path), run_name="run", num_workers=2, zero_stage=3, max_steps=8,
                      per_device_train_batch_size=4, per_device_eval_batch_size=2, learning_rate=3e-3,
                      max_length=32, logging_steps=1, eval_strategy="steps", eval_steps=2, save_steps=2,
-                     early_stopping_patience=1, early_stopping_threshold=1e9, load_best_model_at_end=True)
-    out = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40], eval_dataset=eval_rows).train()
+                     early_stopping_patience=1, early_stopping_threshold=1e9, load_best_model_at_end=True,
+                     push_to_hub=True, hub_model_id="org/evaluated", hub_strategy="every_save")
+    recorder = Recorder()
+    trainer = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40], eval_dataset=eval_rows,
+                         callbacks=[recorder])
+    initial = trainer.evaluate()  # before training: the initial policy is its own reference
+    assert initial["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert initial["eval_rewards/margins"] == 0.0 and initial["eval_rewards/accuracies"] == 0.0
+    recorder.calls.clear()
+    out = trainer.train()
 
     assert [h["global_step"] for h in out.history] == [1, 2, 3, 4]  # stopped early
     evaluated = {h["global_step"]: h for h in out.history if "eval_loss" in h}
@@ -86,3 +98,29 @@ def test_eval_metrics_early_stopping_and_best_checkpoint(ray_session, tiny_model
     assert evaluated[best_step]["eval_rewards/accuracies"] == pytest.approx(scores["reward_accuracy"])
     events = list(tmp_path.glob("run/tensorboard/events.out.tfevents.*"))
     assert events and b"eval/rewards/accuracies" in events[0].read_bytes()
+
+    # trainer.evaluate(): the returned (best) policy on the eval set, in the driver, with the loop's code;
+    # the micro-batches are the workers' ([r0 r1] | [r2 r3] [r4]), so the pair metrics and the loss agree
+    metrics = trainer.evaluate()
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"):
+        assert metrics[f"eval_{name}"] == pytest.approx(evaluated[best_step][f"eval_{name}"], abs=1e-5), name
+
+    # the callback got every event while the run went on, in transformers' order
+    assert recorder.events() == [("on_train_begin", 0), ("on_log", 1), ("on_log", 2), ("on_log", 2),
+                                 ("on_evaluate", 2), ("on_save", 2), ("on_log", 3), ("on_log", 4), ("on_log", 4),
+                                 ("on_evaluate", 4), ("on_save", 4), ("on_train_end", 4),
+                                 ("on_log", 4), ("on_evaluate", 4)]  # the last two: trainer.evaluate()
+    assert recorder.calls[4][2] == {**{k: v for k, v in evaluated[2].items() if k.startswith("eval_")},
+                                    "epoch": evaluated[2]["epoch"]}  # on_evaluate(metrics=...) at step 2
+    best_checkpoints = {step: path for name, step, path in recorder.calls if name == "on_save"}
+    assert best_checkpoints[4] == out.checkpoint  # state.best_model_checkpoint at the last save
+
+    # push_to_hub with every_save: each checkpoint's model as it was saved, then the returned one
+    commits = hub.commits()
+    assert [c["header"]["summary"] for c in commits] == ["Training in progress, step 2", "Training in progress, step 4",
+                                                         "End of training"]
+    assert all({"config.json", "model.safetensors", "README.md"} <= set(c["files"]) for c in commits)
+    with open(f"{out.checkpoint}/model/model.safetensors", "rb") as f:
+        assert commits[-1]["files"]["model.safetensors"] == f.read()
+    assert "| eval_loss |" in commits[-1]["files"]["README.md"].decode()
