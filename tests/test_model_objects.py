@@ -68,7 +68,7 @@ def test_callback_handler_follows_transformers_order():
     assert handler.control.should_training_stop
 
 
-def test_bad_model_and_callback_types_are_refused(tiny_model, tmp_path):
+def test_bad_model_and_callback_types_are_refused():
     with pytest.raises(TypeError, match="PreTrainedModel or a peft.PeftModel; got int"):
         DPOTrainer(3, train_dataset=[])
     with pytest.raises(TypeError, match="none of the methods"):
