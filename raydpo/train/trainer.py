@@ -181,8 +181,9 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 class DPOTrainer:
     """`DPOTrainer(model, ref_model, args, train_dataset, processing_class).train()`, run on Ray.
 
-    model / ref_model: a local path or model id (what from_pretrained takes). ref_model=None uses a
-    frozen copy of the initial policy. The data is tokenized and checked here, before any training
+    model / ref_model: a local path or model id (what from_pretrained takes), or a PreTrainedModel /
+    PeftModel object, saved once and handed on as a path (model_objects.py). ref_model=None uses a
+    frozen copy of the initial policy. callbacks: transformers TrainerCallbacks, run on the driver. The data is tokenized and checked here, before any training
     worker starts: a bad row raises a ValueError naming its index and field.
     """
 
