@@ -63,7 +63,7 @@ def train(args) -> int:
                          train_dataset=run["train_dataset"], eval_dataset=run.get("eval_dataset"))
     output = trainer.train()
     saved = trainer.save_model()
-    final = ", ".join(f"{name} {output.metrics[name]:.4f}" for name in ("loss", "eval/loss", "eval/rewards/accuracies")
+    final = ", ".join(f"{name} {output.metrics[name]:.4f}" for name in ("loss", "eval_loss", "eval_rewards/accuracies")
                       if name in output.metrics)
     print(f"[raydpo] done: {output.metrics.get('global_step')} steps, {final}; "
           f"checkpoint {output.checkpoint}; model saved to {saved}")

@@ -33,6 +33,7 @@ LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")  # tra
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")  # transformers 5's SaveStrategy
 # TrainingArguments.optim values raydpo builds as transformers' Trainer does (train/deepspeed.py).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
+HUB_STRATEGIES = ("end", "every_save")  # of transformers' HubStrategy
 
 
 @dataclass
@@ -42,6 +43,15 @@ class DPOConfig:
     run_name: Optional[str] = None
     # Where logged metrics go: "tensorboard", "mlflow", "wandb" (a list, "all" or "none"); train/trackers.py.
     report_to: Union[str, List[str]] = "tensorboard"
+    # --- the Hugging Face Hub (transformers' names and defaults; README "Uploading to the Hugging Face Hub") ---
+    # push_to_hub: train() uploads the trained model (save_model's folder, with a model card) to
+    # hub_model_id (None: the name of output_dir). hub_strategy "every_save" also uploads each saved
+    # checkpoint's model while training runs; "end" only at the end.
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_strategy: str = "every_save"
+    hub_token: Optional[str] = dataclasses.field(default=None, repr=False)  # None: huggingface_hub's own
+    hub_private_repo: Optional[bool] = None  # None: the Hub's default (or the existing repo's visibility)
 
     # --- optimisation ---
     learning_rate: float = 1e-6
@@ -86,7 +96,7 @@ class DPOConfig:
 
     # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
     # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
-    # epoch's end; the last step is always evaluated. Metrics are logged under "eval/".
+    # epoch's end; the last step is always evaluated. Metrics are logged as "eval_<name>" (transformers' names).
     eval_strategy: str = "no"
     eval_steps: Optional[Union[int, float]] = None
     # Evaluate before the first step too (a sanity check, as in transformers): logged at the starting
@@ -224,6 +234,11 @@ class DPOConfig:
         report_targets(self.report_to)  # names the unknown target
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"DPOConfig.log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.hub_strategy not in HUB_STRATEGIES:
+            other = " (transformers' checkpoint-folder strategies are not supported)" if self.hub_strategy in (
+                "checkpoint", "all_checkpoints") else ""
+            raise ValueError(f"DPOConfig.hub_strategy must be one of {HUB_STRATEGIES}, got {self.hub_strategy!r}"
+                             + other)
 
     def _check_step_counts(self):
         """A count of steps, or a ratio of the total steps when in (0, 1). As transformers, a count above 1
@@ -340,10 +355,10 @@ class DPOConfig:
     def best_metric(self) -> tuple:
         """(metric name in the logs, "max" or "min") that ranks checkpoints and drives early stopping."""
         name = self.metric_for_best_model or "loss"
-        for prefix in ("eval/", "eval_"):  # accept "eval_loss" as transformers spells it
+        for prefix in ("eval_", "eval/"):  # "eval_loss" as transformers spells it; "eval/loss" as an alias
             name = name[len(prefix):] if name.startswith(prefix) else name
         greater = self.greater_is_better if self.greater_is_better is not None else not name.endswith("loss")
-        return f"eval/{name}", "max" if greater else "min"
+        return f"eval_{name}", "max" if greater else "min"
 
     @property
     def loss_types(self) -> list:

@@ -28,7 +28,8 @@ CARD_KEYS = ("base_model", "training_data", "dpo_config", "metrics")
 # Where a run wrote its files and which cluster it used: local paths and addresses that say nothing
 # about the model and should not end up in a (possibly public) card.
 RUN_LOCATION_FIELDS = ("output_dir", "run_name", "storage_path", "ray_address", "dataset_cache_dir",
-                       "precompute_ref_cache_dir")
+                       "precompute_ref_cache_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+                       "hub_private_repo")  # where it uploads to, and a secret
 ALWAYS_SHOWN_FIELDS = ("beta", "loss_type")
 HUB_MODEL_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 

@@ -298,3 +298,23 @@ def test_trainer_push_to_hub_before_training_raises(hub, tiny_model, tmp_path):
     with pytest.raises(RuntimeError, match="finished train"):
         trainer.push_to_hub("org/untrained")
     assert hub.requests == []
+
+
+def test_trainer_push_to_hub_takes_the_hub_fields(hub, tiny_model, tmp_path):
+    """hub_model_id, hub_token and hub_private_repo are push_to_hub's defaults; the token stays out of the card."""
+    trainer = trainer_after_training(tiny_model, tmp_path / "checkpoint-3")
+    trainer.args = DPOConfig(push_to_hub=True, hub_model_id="org/from-config", hub_token="hf_config_token",
+                             hub_private_repo=True, hub_strategy="end")
+    assert trainer.push_to_hub() == f"{hub.endpoint}/org/from-config"
+    assert hub.created()["visibility"] == "private"
+    assert hub.uploads()[-1][2]["authorization"] == "Bearer hf_config_token"
+    readme = hub.commits()[0]["files"]["README.md"].decode()
+    assert "hf_config_token" not in readme and "hub_" not in readme and "hf_config_token" not in repr(trainer.args)
+    trainer.args = DPOConfig(output_dir=str(tmp_path / "my-run"))  # no hub_model_id: output_dir's name
+    assert trainer.push_to_hub() == f"{hub.endpoint}/{USER}/my-run"
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints", "sometimes"])
+def test_unsupported_hub_strategies_are_refused(strategy):
+    with pytest.raises(ValueError, match=f"hub_strategy must be one of \\('end', 'every_save'\\), got '{strategy}'"):
+        DPOConfig(push_to_hub=True, hub_strategy=strategy)

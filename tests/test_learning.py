@@ -26,4 +26,4 @@ def test_held_out_reward_accuracy_rises(ray_session, tiny_model, parity_rows, tm
     assert scores["reward_accuracy"] >= 0.9, scores
     assert trainer.state.history[-1]["rewards/accuracies"] > 0.9
     # the final evaluation (always run with an eval set) saw the same held-out pairs
-    assert trainer.state.metrics["eval/rewards/accuracies"] == pytest.approx(scores["reward_accuracy"], abs=0.05)
+    assert trainer.state.metrics["eval_rewards/accuracies"] == pytest.approx(scores["reward_accuracy"], abs=0.05)

@@ -24,7 +24,7 @@ def test_printer_prints_each_logged_row_once_in_order_with_a_measured_rate():
 
     def fetch(count):
         polled.set()
-        return logged[count:]
+        return [("log", row) if isinstance(row, dict) else row for row in logged[count:]]
 
     out = io.StringIO()
     printer = ProgressPrinter(fetch, total_steps=4, interval_s=0.01, out=out)
@@ -35,6 +35,7 @@ def test_printer_prints_each_logged_row_once_in_order_with_a_measured_rate():
         polled.clear()
         polled.wait(1)
         logged.append({"global_step": 2, "epoch": 0.5, "loss": 0.6})
+        logged.append(("save", 2))  # not a logged row: nothing printed
         logged.append({"global_step": 3, "epoch": 0.75, "loss": 0.5})
     logged.append({"global_step": 4, "epoch": 1.0, "loss": 0.4})  # after the run: not this printer's
     lines = out.getvalue().splitlines()

@@ -109,8 +109,11 @@ def test_peft_trains_an_adapter_and_leaves_the_base(ray_session, tiny_model, par
 
     if not continues:
         return
-    # an adapter folder as `model` continues training; the reference is still the bare base
-    resumed = DPOTrainer(str(adapter), args=e2e_config(tmp_path / "continued", zero_stage=stage, max_steps=1),
+    # a PeftModel object (the saved adapter on its base) as `model` continues training that adapter: it is
+    # shipped as its adapter folder (test_model_objects checks that folder equals the object), so this is
+    # the adapter-folder path too; the reference is still the bare base
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter))
+    resumed = DPOTrainer(adapted, args=e2e_config(tmp_path / "continued", zero_stage=stage, max_steps=1),
                          train_dataset=parity_rows[:40]).train()
     first = resumed.history[0]
     assert first["rewards/margins"] != pytest.approx(0.0, abs=1e-6)  # the policy starts from the trained adapter
@@ -130,12 +133,12 @@ def test_reference_modes_agree(ray_session, tiny_model, parity_rows, tmp_path):
     for mode, options in modes.items():
         config = e2e_config(tmp_path / mode, max_steps=3, eval_strategy="steps", eval_steps=3, **options)
         out = DPOTrainer(tiny_model, args=config, train_dataset=rows, eval_dataset=eval_rows).train()
-        first[mode] = {**out.history[0], **{k: v for k, v in out.history[-1].items() if k.startswith("eval/")}}
+        first[mode] = {**out.history[0], **{k: v for k, v in out.history[-1].items() if k.startswith("eval_")}}
     a = first["in_worker"]
     for mode in ("precomputed", "streamed"):
         b = first[mode]
         for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                     "logps/rejected", "eval/loss", "eval/rewards/margins"):
+                     "logps/rejected", "eval_loss", "eval_rewards/margins"):
             assert b[name] == pytest.approx(a[name], abs=1e-5), (mode, name)
 
 

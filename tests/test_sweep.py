@@ -28,7 +28,7 @@ def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp
     args = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=4, logging_steps=1, save_steps=2,
                      per_device_train_batch_size=8, learning_rate=1e-3, max_length=32, eval_strategy="steps",
                      eval_steps=2, report_to=["tensorboard", "mlflow"])
-    # with an eval set the sweep metric defaults to eval/rewards/accuracies (max), logged at steps 2 and 4
+    # with an eval set the sweep metric defaults to eval_rewards/accuracies (max), logged at steps 2 and 4
     result = sweep(tiny_model, parity_rows[:64], {"beta": tune.grid_search([0.1, 0.5]),
                                                   "learning_rate": {"grid_search": [1e-3, 3e-3]}},
                    args=args, scheduler="asha", name="grid", max_concurrent_trials=2,
@@ -37,7 +37,7 @@ def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp
     assert {(row["beta"], row["learning_rate"]) for row in result.table} == {
         (0.1, 1e-3), (0.1, 3e-3), (0.5, 1e-3), (0.5, 3e-3)}
     assert all(row["status"] == "ok" and row["loss"] is not None for row in result.table)
-    metric = "eval/rewards/accuracies"
+    metric = "eval_rewards/accuracies"
     best = max(row[metric] for row in result.table)
     assert result.best_config in [{"beta": r["beta"], "learning_rate": r["learning_rate"]}
                                   for r in result.table if r[metric] == best]

@@ -66,7 +66,7 @@ def test_new_best_follows_the_metric():
     stopper = EarlyStopping(DPOConfig(eval_strategy="steps"))
     flags = []
     for value in (1.0, 1.2, 0.9, float("nan"), 0.9, 0.5):
-        stopper.update({"eval/loss": value})
+        stopper.update({"eval_loss": value})
         flags.append(stopper.new_best)
     assert flags == [True, False, True, False, False, True]  # strictly better, as transformers' _determine_best_metric
 

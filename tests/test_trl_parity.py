@@ -135,7 +135,7 @@ def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, referen
     out = DPOTrainer(tiny_model, ref_model=reference_model, args=config, train_dataset=rows,
                      eval_dataset=eval_rows).train()
     ours = [h for h in out.history if "loss" in h]
-    our_evals = {h["global_step"]: h for h in out.history if "eval/loss" in h}
+    our_evals = {h["global_step"]: h for h in out.history if "eval_loss" in h}
 
     assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2, 3, 4, 5]
     for step, (mine, trl) in enumerate(zip(ours, theirs), start=1):
@@ -144,7 +144,7 @@ def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, referen
     assert sorted(our_evals) == sorted(their_evals) == [0, 2, 4, 5]
     for step, trl in their_evals.items():
         for name in EVAL_METRICS:
-            assert our_evals[step][f"eval/{name}"] == pytest.approx(trl[f"eval_{name}"], rel=1e-4, abs=1e-7), (step, name)
+            assert our_evals[step][f"eval_{name}"] == pytest.approx(trl[f"eval_{name}"], rel=1e-4, abs=1e-7), (step, name)
     assert out.checkpoint is None  # save_strategy="no"
     assert all(h["grad_norm"] > MULTI_STEP["max_grad_norm"] for h in theirs)  # clipping was active
     rates = [h["learning_rate"] for h in theirs]  # warmup ceil(0.34 * 5) = 2 steps, then down to 10%

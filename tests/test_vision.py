@@ -148,7 +148,7 @@ def test_vision_model_trains_end_to_end(ray_session, tiny_vlm, tmp_path):
     trainer = DPOTrainer(tiny_vlm, args=args, train_dataset=colour_rows(24, seed=1), eval_dataset=eval_dataset)
     out = trainer.train()
     assert [row["global_step"] for row in out.history] == [1, 2, 3]
-    assert all(np.isfinite(row["loss"]) for row in out.history) and "eval/loss" in out.history[-1]
+    assert all(np.isfinite(row["loss"]) for row in out.history) and "eval_loss" in out.history[-1]
     assert out.history[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # the policy starts as its reference
     trainer.save_model(str(tmp_path / "export"))
     trained = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "export"))

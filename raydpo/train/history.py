@@ -19,8 +19,11 @@ class MetricsHistory:
 
     def __init__(self, targets: List[str], run_dir: str, run_name: str, config: dict):
         self.rows = []
-        self.logged = []  # every dict in the order it arrived, re-logged steps included: the progress display reads it
         self.trackers = Trackers(targets, run_dir, run_name, config)
+        # For the driver's progress display (progress.py) and TrainerCallbacks (callbacks.py): ("log",
+        # row), ("save", step) and ("end", step) in the order rank 0 sent them; the driver acks each ended step, with its should_training_stop.
+        self.events = []
+        self.acked, self.stop = -1.0, False
 
     def append(self, metrics: dict):
         # After a restart from a checkpoint, steps past it are logged again: the new ones replace them.
@@ -28,12 +31,25 @@ class MetricsHistory:
         if step is not None:
             self.rows = [row for row in self.rows if row.get("global_step", -1) < step]
         self.rows.append(dict(metrics))
-        self.logged.append(dict(metrics))
+        self.events.append(("log", dict(metrics)))
         self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
 
-    def logged_since(self, count: int) -> list:
-        """The dicts logged after the first `count`."""
-        return self.logged[count:]
+    def saved(self, step: int):
+        self.events.append(("save", step))
+
+    def end_step(self, step: int):
+        self.events.append(("end", step))
+
+    def events_since(self, index: int) -> list:
+        return self.events[index:]
+
+    def ack(self, step: float, stop: bool):
+        self.acked, self.stop = max(self.acked, step), self.stop or stop
+
+    def control(self, step: int):
+        """None until the driver has delivered the events of `step`; then whether a callback asked to stop.
+        (Polled: a threaded actor would move the trackers' calls off the thread that opened them.)"""
+        return self.stop if self.acked >= step or self.stop else None
 
     def close(self) -> list:
         self.trackers.close()

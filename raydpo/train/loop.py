@@ -114,7 +114,7 @@ def micro_batch_rows(reference, rows: list, index_batches: list):
 
 
 def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
-    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval/<metric>"."""
+    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
     if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
         reference.fill(rows, size)
@@ -133,7 +133,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
     engine.train()
     metrics = window.reduce()
     del metrics["num_tokens"]  # a training counter
-    return {f"eval/{name}": value for name, value in metrics.items()}
+    return {f"eval_{name}": value for name, value in metrics.items()}
 
 
 def _setup_worker(config: DPOConfig):
@@ -230,13 +230,20 @@ def train_loop_per_worker(loop_config: dict):
                 last = early_stopping.update(metrics) or last
             if metrics:
                 _log(metrics, step, steps_per_epoch, rank, loop_config)
-            if save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best):
-                _save_and_report(engine, rank, ds_config, loop_config, metrics, step,
-                                 {"global_step": step, "num_tokens": window.total_tokens,
-                                  "early_stopping": early_stopping.state()},
+            saved_state = {"global_step": step, "num_tokens": window.total_tokens,
+                           "early_stopping": early_stopping.state()}
+            saved = save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best)
+            if saved:
+                _save_and_report(engine, rank, ds_config, loop_config, metrics, step, saved_state,
                                  reference if config.sync_ref_model else None)
             elif metrics:
                 ray.train.report(metrics)
+            if (metrics or saved) and not last and _driver_stops(loop_config, step, rank):
+                # a TrainerCallback set control.should_training_stop: this is the last step
+                if not saved and config.save_strategy != "no" and not config.load_best_model_at_end:
+                    _save_and_report(engine, rank, ds_config, loop_config, {}, step, saved_state,
+                                     reference if config.sync_ref_model else None)
+                last = True
             if metrics:
                 window_started, window_start_step = time.perf_counter(), step
             if last:  # the final step, or early stopping
@@ -254,6 +261,21 @@ def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config:
         ray.get(loop_config["history"].append.remote(metrics))
 
 
+def _driver_stops(loop_config: dict, step: int, rank: int) -> bool:
+    """With TrainerCallbacks on the driver: wait until it has delivered this step's events, and return
+    whether one of them set control.should_training_stop. Every worker asks, so all stop together."""
+    if not loop_config.get("wait_for_driver"):
+        return False
+    history = loop_config["history"]
+    if rank == 0:
+        ray.get(history.end_step.remote(step))
+    while True:
+        stop = ray.get(history.control.remote(step))
+        if stop is not None:
+            return stop
+        time.sleep(0.05)
+
+
 def _require_finite(name: str, value: float, step: int):
     """Stop before a non-finite value reaches a checkpoint: the last one saved stays the last good one."""
     if not math.isfinite(value):
@@ -269,6 +291,8 @@ def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state:
         ray.train.report(metrics or {"global_step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{step}")
+    if rank == 0 and loop_config.get("driver_events"):  # on_save (and hub_strategy="every_save") on the driver
+        ray.get(loop_config["history"].saved.remote(step))
 
 
 def _grad_norm(model) -> float:

@@ -1,7 +1,7 @@
 """The run's progress display: one line per logged step, printed by the process that called fit().
 
-Rank 0 sends each logged dict to the run's MetricsHistory actor; a thread here reads the new ones
-every second and prints them. A line printed by a training worker would reach the driver through
+Rank 0 sends each logged dict to the run's MetricsHistory actor, as a ("log", metrics) event; a thread
+here reads the new events every second and prints the logged ones. A line printed by a training worker would reach the driver through
 Ray's log forwarding, prefixed with the worker's name and pid and interleaved with Ray's own lines;
 read here, it is one plain line per step, with the time per step and the time left.
 """
@@ -14,7 +14,7 @@ import time
 from typing import Optional
 
 SHOWN = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "learning_rate": "lr",
-         "eval/loss": "eval_loss", "eval/rewards/accuracies": "eval_acc"}
+         "eval_loss": "eval_loss", "eval_rewards/accuracies": "eval_acc"}
 
 
 def progress_line(metrics: dict, total_steps: int, seconds_per_step: Optional[float] = None,
@@ -34,7 +34,7 @@ def _duration(seconds: float) -> str:
 
 class ProgressPrinter:
     """`with ProgressPrinter(fetch, total_steps): trainer.fit()` prints each logged step as it lands;
-    `fetch(count)` returns the dicts logged after the first `count` (MetricsHistory.logged_since).
+    `fetch(count)` returns the (kind, value) events after the first `count` (MetricsHistory.events_since).
 
     The rate is measured here, between the first and the latest logged step, so it covers everything a
     step costs (evaluation and checkpoints included), and start-up is not counted in it."""
@@ -63,11 +63,11 @@ class ProgressPrinter:
 
     def _print_new(self):
         try:
-            rows = self.fetch(self.seen)
+            events = self.fetch(self.seen)
         except Exception:  # the progress display must never fail a run; the history is read again at the end
             return
-        self.seen += len(rows)
-        for metrics in rows:
+        self.seen += len(events)
+        for metrics in (value for kind, value in events if kind == "log"):
             print(self.line(metrics, time.monotonic()), file=self.out, flush=True)
 
     def line(self, metrics: dict, now: float) -> str:

@@ -8,7 +8,8 @@
 
 A training run logs from the driver's MetricsHistory actor, which sees every logged step of rank 0. A
 sweep logs each trial through Ray Tune's own MLflowLoggerCallback / WandbLoggerCallback instead.
-Metrics are named like TensorBoard's: "train/<name>" and "eval/<name>".
+Metrics are named as transformers' integrations name them (its `rewrite_logs`): "loss" becomes
+"train/loss" and "eval_loss" becomes "eval/loss".
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def tracker_env() -> dict:
 
 
 def metric_name(name: str) -> str:
-    return name if name.startswith("eval/") else f"train/{name}"
+    """transformers' rewrite_logs: eval_<name> -> eval/<name>, anything else -> train/<name>."""
+    return f"eval/{name[len('eval_'):]}" if name.startswith("eval_") else f"train/{name}"
 
 
 class Trackers:

@@ -20,9 +20,11 @@ from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
+from raydpo.train.callbacks import CallbackHandler, EventPump
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
 from raydpo.train.loop import train_loop_per_worker
+from raydpo.train.model_objects import is_model_object, model_name, objects_folder, save_model_object
 from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import ProgressPrinter
 from raydpo.train.trackers import report_targets, tracker_env
@@ -90,13 +92,14 @@ def with_cached_reference_logps(data, config: DPOConfig, model: str, ref_model: 
 
 
 def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, resume_from_checkpoint=None,
-        callbacks=(), peft_config=None, eval_data=None) -> TrainOutput:
+        callbacks=(), peft_config=None, eval_data=None, handler: Optional[CallbackHandler] = None) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
 
     ref_model=None with PEFT (peft_config, or an adapter folder as model): the reference is the base
     with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first
     (to the eval split too); stream_ref_log_probs: the pool scores them beside the training workers.
-    With load_best_model_at_end the returned checkpoint is the best one."""
+    With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
+    `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     check_lr_scheduler(config, plan["total_steps"])  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
@@ -113,8 +116,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = _absolute(config.storage_path or config.output_dir)
+    tracked_config = {k: v for k, v in config.to_dict().items() if k != "hub_token"}  # a secret stays out
     history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()}).remote(
-        report_targets(config.report_to), os.path.join(storage_path, run_name), run_name, config.to_dict())
+        report_targets(config.report_to), os.path.join(storage_path, run_name), run_name, tracked_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -128,6 +132,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             "history": history,
             "resume_from_checkpoint": resume_from_checkpoint,
             "reference_pool": reference_pool,
+            "driver_events": handler is not None,  # rank 0 also sends ("save", step) events
+            "wait_for_driver": handler is not None and handler.waits,  # workers honour should_training_stop
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
@@ -154,11 +160,17 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     # preempted node is restarted by max_failures. The watcher would be one more actor per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     cluster.quiet_logs(config.log_level)
+    pump = None
+    if handler is not None:
+        handler.train_begin(plan, os.path.join(storage_path, run_name))
+        pump = EventPump(history, handler).start()
     try:
-        with ProgressPrinter(lambda count: ray.get(history.logged_since.remote(count)), plan["total_steps"]):
+        with ProgressPrinter(lambda count: ray.get(history.events_since.remote(count)), plan["total_steps"]):
             result = trainer.fit()
     finally:
         stop_reference_pool(reference_pool)
+        if pump is not None:
+            pump.stop()  # delivers the last events; a callback's error is raised here
     rows = ray.get(history.close.remote())
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
@@ -173,19 +185,28 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 class DPOTrainer:
     """`DPOTrainer(model, ref_model, args, train_dataset, processing_class).train()`, run on Ray.
 
-    model / ref_model: a local path or model id (what from_pretrained takes). ref_model=None uses a
-    frozen copy of the initial policy. The data is tokenized and checked here, before any training
+    model / ref_model: a local path or model id (what from_pretrained takes), or a PreTrainedModel /
+    PeftModel object, saved once and handed on as a path (model_objects.py). ref_model=None uses a
+    frozen copy of the initial policy. callbacks: transformers TrainerCallbacks, run on the driver. The data is tokenized and checked here, before any training
     worker starts: a bad row raises a ValueError naming its index and field.
     """
 
-    def __init__(self, model: str, ref_model: Optional[str] = None, args: Optional[DPOConfig] = None,
+    def __init__(self, model: Any, ref_model: Any = None, args: Optional[DPOConfig] = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class=None,
-                 resume_from_checkpoint: Optional[str] = None, peft_config=None):
-        if not isinstance(model, (str, os.PathLike)):
-            raise TypeError("model must be a local path or model id (what from_pretrained takes)")
+                 resume_from_checkpoint: Optional[str] = None, peft_config=None, callbacks: Optional[list] = None):
+        for name, value in (("model", model), ("ref_model", ref_model)):
+            if not (value is None and name == "ref_model" or isinstance(value, (str, os.PathLike))
+                    or is_model_object(value)):
+                raise TypeError(f"{name} must be a local path or model id (what from_pretrained takes), a "
+                                f"transformers.PreTrainedModel or a peft.PeftModel; got {type(value).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         self.args = args or DPOConfig()
+        # The base model's name for the tokenizer and the model card: a model object's own (what it was
+        # loaded from); a path's is the path itself (or an adapter folder's base).
+        model_object = is_model_object(model)
+        self.model_name = model_name(model) if model_object else None
+        model, ref_model = self._ship_model_objects(model, ref_model)
         self.model = os.fspath(model)
         # PEFT (peft_config, or a saved adapter folder as model): a new adapter, or that one continued
         self.peft_config = peft_config
@@ -198,6 +219,11 @@ class DPOTrainer:
                              "pass peft_config=None (or the base model to start a new adapter)")
         # ref_model=None: a frozen copy of the initial policy, or with PEFT the base with adapters disabled
         self.ref_model = os.fspath(ref_model) if ref_model is not None else (None if peft else self.model)
+        if processing_class is None and model_object:  # as TRL: the tokenizer of what the object was loaded from
+            if self.model_name is None:
+                raise ValueError("model is a model object that records no name or path to load its tokenizer "
+                                 "from: pass processing_class")
+            processing_class = load_tokenizer(self.model_name, self.args.trust_remote_code)
         self.processing_class = processing_class or _load_model_tokenizer(self.model, self.args.trust_remote_code)
         tokenizer = text_tokenizer(self.processing_class)  # a processor's own tokenizer
         if tokenizer.pad_token is None:
@@ -206,6 +232,10 @@ class DPOTrainer:
             raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
         self.resume_from_checkpoint = resume_from_checkpoint
         self.state: Optional[TrainOutput] = None
+        # transformers TrainerCallbacks, run on the driver (callbacks.py); with hub_strategy="every_save"
+        # the handler also pushes each saved checkpoint
+        self.callback_handler = CallbackHandler(callbacks, self.args, self.processing_class,
+                                                on_save_hook=self._push_checkpoint)
         self.train_dataset_description = hub.describe_dataset(train_dataset)  # for push_to_hub's card
 
         cluster.connect(self.args.ray_address)
@@ -226,11 +256,65 @@ class DPOTrainer:
             raise ValueError("load_best_model_at_end, early_stopping_patience and save_strategy='best' need an "
                              "eval_dataset")
 
+    def _ship_model_objects(self, model, ref_model) -> tuple:
+        """A model object is saved once (save_pretrained) into a folder under the run's storage, and the
+        workers load that folder like any path; the trainer keeps no reference to the object."""
+        if not (is_model_object(model) or is_model_object(ref_model)):
+            return model, ref_model
+        folder = objects_folder(self.args.storage_path or self.args.output_dir)
+        if is_model_object(model):
+            model = save_model_object(model, os.path.join(folder, "model"), "model")
+        if is_model_object(ref_model):
+            ref_model = save_model_object(ref_model, os.path.join(folder, "ref_model"), "ref_model")
+        return model, ref_model
+
     def train(self) -> TrainOutput:
+        """One Ray Train run. TrainerCallbacks get their events live; with push_to_hub the trained model
+        is uploaded at the end (and with hub_strategy="every_save" each checkpoint as it is saved)."""
+        handler = self.callback_handler
+        every_save = self.args.push_to_hub and self.args.hub_strategy == "every_save"
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
                          resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config,
-                         eval_data=self.eval_data)
+                         eval_data=self.eval_data, handler=handler if handler.callbacks or every_save else None)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="End of training")
+        handler.train_end()
         return self.state
+
+    def _push_checkpoint(self, step: int, checkpoint_path: str, logs: dict):
+        """hub_strategy="every_save": upload a checkpoint's model as soon as it is saved (on the driver)."""
+        if not (self.args.push_to_hub and self.args.hub_strategy == "every_save"):
+            return
+        self._push(os.path.join(checkpoint_path, MODEL_DIR), logs, f"Training in progress, step {step}")
+
+    def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """DPO metrics of the policy on the eval set (the constructor's, or `eval_dataset`), named as TRL
+        names them (eval_loss, eval_rewards/chosen, ...). The policy is the trained one after train() (the
+        checkpoint train() returned: the best one with load_best_model_at_end), else the initial one.
+
+        It runs in this process (the driver), on one GPU with use_gpu (when the driver has one), else on
+        the CPU, with the training loop's own batch, loss and metric code (`loop.evaluate`), so it needs the
+        memory of the policy and the reference. Callbacks get on_log and on_evaluate."""
+        from raydpo.train.driver_eval import evaluate_policy
+
+        if eval_dataset is not None:
+            data = prepare_dataset(eval_dataset, self.processing_class, self.args, split_name="eval_dataset")
+        elif self.eval_data is not None:
+            data = self.eval_data
+        else:
+            raise ValueError("evaluate needs an eval_dataset: pass one here or to DPOTrainer(eval_dataset=...)")
+        checkpoint_dir = self.state.checkpoint if self.state is not None else None
+        metrics = evaluate_policy(self.args, self.model, self.ref_model, self.peft_config, self.processing_class,
+                                  data, checkpoint_dir)
+        metrics = {f"{metric_key_prefix}_{name[len('eval_'):]}": value for name, value in metrics.items()}
+        handler = self.callback_handler
+        if self.state is not None and self.state.history:
+            metrics["epoch"] = self.state.history[-1].get("epoch")
+            handler.state.epoch = metrics["epoch"]
+        handler.state.log_history.append({**metrics, "step": handler.state.global_step})
+        handler.call("on_log", logs=metrics)
+        handler.call("on_evaluate", metrics=metrics)
+        return metrics
 
     def save_model(self, output_dir: Optional[str] = None) -> str:
         """Copy the trained policy (a plain transformers folder, with the tokenizer) to output_dir. With
@@ -240,14 +324,27 @@ class DPOTrainer:
         output_dir = output_dir or self.args.output_dir
         return export_model(self.state.checkpoint, output_dir)
 
-    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None) -> str:
+    def push_to_hub(self, repo_id: Optional[str] = None, token: Optional[str] = None, private: Optional[bool] = None,
+                    commit_message: str = "Upload DPO model trained with raydpo") -> str:
         """Upload what save_model writes (the trained checkpoint's model/ folder) to the Hugging Face Hub,
         with a model card naming the base model, the training data, the DPO config and the final metrics.
-        Returns the repo URL. The endpoint is huggingface_hub's (HF_ENDPOINT), the token its own by default."""
+        Returns the repo URL. repo_id, token and private default to DPOConfig's hub_model_id (else the name
+        of output_dir, as transformers), hub_token and hub_private_repo. The endpoint is huggingface_hub's
+        (HF_ENDPOINT), the token its own when none is given."""
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("push_to_hub needs a finished train() with a checkpoint: call trainer.train() first")
-        card = {"base_model": adapter_base(self.model) if is_adapter_dir(self.model) else self.model,
+        return self._push(os.path.join(self.state.checkpoint, MODEL_DIR), self.state.metrics, commit_message,
+                          repo_id, token, private)
+
+    def _push(self, folder: str, metrics: dict, commit_message: str, repo_id: Optional[str] = None,
+              token: Optional[str] = None, private: Optional[bool] = None) -> str:
+        repo_id = repo_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        token = token if token is not None else self.args.hub_token
+        private = private if private is not None else self.args.hub_private_repo
+        base_model = getattr(self, "model_name", None) or (
+            adapter_base(self.model) if is_adapter_dir(self.model) else self.model)
+        card = {"base_model": base_model,
                 "training_data": f"{self.train_dataset_description}; {self.train_data.num_rows} pairs trained on",
-                "dpo_config": self.args, "metrics": self.state.metrics}
-        return hub.push_to_hub(os.path.join(self.state.checkpoint, MODEL_DIR), repo_id, model_card=card,
-                               token=token, private=private)
+                "dpo_config": self.args, "metrics": metrics}
+        return hub.push_to_hub(folder, repo_id, model_card=card, token=token, private=private,
+                               commit_message=commit_message)

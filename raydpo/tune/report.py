@@ -70,7 +70,7 @@ def _pyplot():
     return plt
 
 
-def plot_run(history: list, path: str, metrics=("loss", "eval/rewards/accuracies"), title: str = "") -> str:
+def plot_run(history: list, path: str, metrics=("loss", "eval_rewards/accuracies"), title: str = "") -> str:
     """One run's learning curves, a panel per metric against global_step (a metric logged only at
     evaluation steps has a point per evaluation). Returns the PNG's path."""
     plt = _pyplot()

@@ -121,7 +121,7 @@ def _trial_record(result, space: dict) -> dict:
     checkpoints = [row.get("checkpoint_path") for row in rows if isinstance(row.get("checkpoint_path"), str)]
     return {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
             "config": {k: result.config.get(k) for k in space},
-            "history": [h for h in history if "loss" in h or "eval/loss" in h],
+            "history": [h for h in history if "loss" in h or "eval_loss" in h],
             "checkpoint": checkpoints[-1] if checkpoints else None,
             "error": str(result.error) if result.error else None}
 
@@ -135,14 +135,16 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
 
     search_space maps DPOConfig fields to Tune samplers (tune.grid_search, tune.choice, ...) or to
     the YAML form accepted by search_space_from_dict. metric/mode default to the eval set's
-    "eval/rewards/accuracies", maximised, with an eval_dataset (evaluated every logging step unless
+    "eval_rewards/accuracies", maximised, with an eval_dataset (evaluated every logging step unless
     eval_strategy says otherwise), else train loss, minimised.
     """
     base = args or DPOConfig()
     if eval_dataset is not None and base.eval_strategy == "no":
         base = dataclasses.replace(base, eval_strategy="steps")
     space = search_space_from_dict(search_space)
-    metric = metric or ("eval/rewards/accuracies" if eval_dataset is not None else "loss")
+    metric = metric or ("eval_rewards/accuracies" if eval_dataset is not None else "loss")
+    if metric.startswith("eval/"):  # raydpo's former name for eval metrics, still accepted
+        metric = "eval_" + metric[len("eval/"):]
     mode = mode or ("min" if metric.endswith("loss") else "max")
     results_dir = os.path.abspath(os.path.join(base.output_dir, name or time.strftime("sweep-%Y%m%d-%H%M%S")))
     trials_dir = os.path.join(results_dir, "trials")

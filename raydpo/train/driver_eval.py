@@ -1,0 +1,46 @@
+"""`DPOTrainer.evaluate()`: DPO metrics of a policy on an eval set, in the driver's process, with the
+training workers' own batch, loss and metric code (`loop.evaluate`, `loop.dpo_step`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+
+from raydpo.config import DPOConfig
+from raydpo.data.images import text_tokenizer
+from raydpo.logprobs import shares_prompt_safely
+from raydpo.reference import InWorkerReference, PeftBaseReference
+from raydpo.reference.peft_base import is_peft_model, reference_model_path
+from raydpo.train import checkpoint
+from raydpo.train.checkpoint import MODEL_DIR
+from raydpo.train.loop import evaluate, load_model, load_policy
+
+
+def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,
+                    checkpoint_dir: Optional[str] = None) -> dict:
+    """eval_<metric> of the checkpoint's policy (its model/ folder), or without one of the initial policy
+    (`model`, with a fresh adapter under peft_config), against the run's reference: ref_model, else the
+    PEFT base with adapters disabled, else the initial model (TR-DPO: the checkpoint's moved reference)."""
+    if checkpoint_dir is not None:
+        policy = load_policy(os.path.join(checkpoint_dir, MODEL_DIR), config)
+    else:
+        policy = load_policy(model, config, peft_config)
+    device = torch.device("cuda") if config.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    policy.to(device)
+    if ref_model is None and is_peft_model(policy):
+        reference = PeftBaseReference(policy)
+    else:
+        path = reference_model_path(model, ref_model)
+        if config.sync_ref_model:
+            path = checkpoint.saved_reference(checkpoint_dir) or path
+        reference = InWorkerReference(load_model(path, config).to(device), {})
+    if config.share_prompt and not shares_prompt_safely(policy):
+        config = dataclasses.replace(config, share_prompt=False)
+    rows = list(data.dataset.iter_rows())
+    loop_config = {"tokenizer": processing_class, "pad_token_id": text_tokenizer(processing_class).pad_token_id}
+    num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)
+    return evaluate(policy, reference, rows, num_batches, config, loop_config)
