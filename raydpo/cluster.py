@@ -11,12 +11,13 @@ from typing import Optional
 import ray
 
 
-def connect(address: Optional[str] = None) -> None:
-    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local Ray. Reuse a live session."""
+def connect(address: Optional[str] = None, **init_kwargs) -> None:
+    """Join `address` (or RAY_ADDRESS); with neither, or "local", start an embedded local Ray
+    (`init_kwargs` go to ray.init, e.g. num_cpus). Reuse a live session."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address)
         return
     # Ray Train otherwise echoes every worker print through its logger too: each line twice.
@@ -31,7 +32,8 @@ def connect(address: Optional[str] = None) -> None:
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 **init_kwargs)
     finally:  # this process keeps what it had
         if previous is None:
             del os.environ["RAY_API_SERVER_ADDRESS"]
