@@ -176,7 +176,10 @@ class DPOTrainer:
 
     def __init__(self, model: str, ref_model: Optional[str] = None, args: Optional[DPOConfig] = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class=None,
-                 resume_from_checkpoint: Optional[str] = None, peft_config=None):
+                 resume_from_checkpoint: Optional[str] = None, peft_config=None, quantization_config=None):
+        if quantization_config is not None:  # TRL's script passes get_quantization_config(model_args): None unless asked
+            raise ValueError("quantization_config: raydpo does not train quantized (bitsandbytes 4/8-bit) base models; "
+                             "pass quantization_config=None (drop load_in_4bit / load_in_8bit)")
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError("model must be a local path or model id (what from_pretrained takes)")
         if train_dataset is None:
@@ -198,9 +201,7 @@ class DPOTrainer:
         tokenizer = text_tokenizer(self.processing_class)  # a processor's own tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does
-        if resume_from_checkpoint is not None and not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
-        self.resume_from_checkpoint = resume_from_checkpoint
+        self.resume_from_checkpoint = _checkpoint_folder(resume_from_checkpoint)
         self.state: Optional[TrainOutput] = None
         self.train_dataset_description = hub.describe_dataset(train_dataset)  # for push_to_hub's card
 
@@ -221,7 +222,11 @@ class DPOTrainer:
             raise ValueError("load_best_model_at_end, early_stopping_patience and save_strategy='best' need an "
                              "eval_dataset")
 
-    def train(self) -> TrainOutput:
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> TrainOutput:
+        """Run the training; resume_from_checkpoint (a checkpoint folder) overrides the constructor's, as
+        transformers' Trainer.train(resume_from_checkpoint=...) is called by TRL's scripts."""
+        if resume_from_checkpoint is not None:
+            self.resume_from_checkpoint = _checkpoint_folder(resume_from_checkpoint)
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
                          resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config,
                          eval_data=self.eval_data)
@@ -235,14 +240,63 @@ class DPOTrainer:
         output_dir = output_dir or self.args.output_dir
         return export_model(self.state.checkpoint, output_dir)
 
-    def push_to_hub(self, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None) -> str:
+    def push_to_hub(self, repo_id: Optional[str] = None, token: Optional[str] = None, private: Optional[bool] = None,
+                    dataset_name: Optional[str] = None) -> str:
         """Upload what save_model writes (the trained checkpoint's model/ folder) to the Hugging Face Hub,
         with a model card naming the base model, the training data, the DPO config and the final metrics.
-        Returns the repo URL. The endpoint is huggingface_hub's (HF_ENDPOINT), the token its own by default."""
+        Returns the repo URL. The endpoint is huggingface_hub's (HF_ENDPOINT), the token its own by default.
+
+        As transformers' Trainer.push_to_hub (TRL's scripts call it without a repo): repo_id defaults to
+        args.hub_model_id, else the output_dir's folder name, and private to args.hub_private_repo;
+        dataset_name (TRL's keyword) names the training data on the card."""
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("push_to_hub needs a finished train() with a checkpoint: call trainer.train() first")
+        repo_id = repo_id or self.hub_model_id
+        private = self.args.hub_private_repo if private is None else private
+        data = dataset_name or self.train_dataset_description
         card = {"base_model": adapter_base(self.model) if is_adapter_dir(self.model) else self.model,
-                "training_data": f"{self.train_dataset_description}; {self.train_data.num_rows} pairs trained on",
+                "training_data": f"{data}; {self.train_data.num_rows} pairs trained on",
                 "dpo_config": self.args, "metrics": self.state.metrics}
         return hub.push_to_hub(os.path.join(self.state.checkpoint, MODEL_DIR), repo_id, model_card=card,
                                token=token, private=private)
+
+    @property
+    def hub_model_id(self) -> str:
+        """The repo push_to_hub uses without a repo_id (transformers' rule): args.hub_model_id, else the
+        output_dir's folder name."""
+        return self.args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(self.args.output_dir)))
+
+    @property
+    def accelerator(self) -> "DriverAccelerator":
+        """For scripts written against TRL's trainer (`trainer.accelerator.print(...)`): the driver is the
+        only process a raydpo script runs in, so it is the main process and prints."""
+        return DriverAccelerator()
+
+    def end(self) -> None:
+        """transformers' Trainer.end() (TRL's scripts call it last): it finishes the trackers and the
+        process group. In raydpo both live in the Ray workers and are finished when train() returns, so
+        there is nothing left to close."""
+
+
+class DriverAccelerator:
+    """The part of accelerate's Accelerator that TRL's scripts use on the trainer, for the Ray driver."""
+
+    is_main_process = True
+    is_local_main_process = True
+    process_index = 0
+    num_processes = 1
+
+    def print(self, *args, **kwargs) -> None:
+        print(*args, **kwargs)
+
+
+def _checkpoint_folder(path) -> Optional[str]:
+    if path is None:
+        return None
+    if isinstance(path, bool):  # transformers' True: the last checkpoint in output_dir
+        raise ValueError("resume_from_checkpoint=True (the latest checkpoint in output_dir) is not supported: "
+                         "checkpoints go to <output_dir or storage_path>/<run_name>/checkpoint-<step>, so pass "
+                         "that folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {path!r}")
+    return os.fspath(path)
