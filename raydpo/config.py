@@ -251,9 +251,10 @@ class DPOConfig:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as error:
-                raise ValueError(f"DPOConfig.{name}: not valid JSON ({error.msg}): {value!r}") from None
+                raise ValueError(f"DPOConfig.{name} must be a dict, or a JSON object as text; {value!r} is not valid "
+                                 f"JSON ({error.msg})") from None
             if not isinstance(value, dict):
-                raise ValueError(f"DPOConfig.{name} must be a dict (a JSON object), got {value!r}")
+                raise ValueError(f"DPOConfig.{name} must be a dict, or a JSON object as text; got {value!r}")
             setattr(self, name, value)
         if self.model_init_kwargs is not None:
             if not isinstance(self.model_init_kwargs, dict):
