@@ -154,8 +154,10 @@ def build_parser():
     from transformers import HfArgumentParser
 
     return HfArgumentParser((ScriptArguments, DPOConfig, ModelConfig), prog="raydpo train",
-                            description="Train one DPO run. Takes `trl dpo`'s config files and flags (TRL's "
-                                        "ScriptArguments, DPOConfig and ModelConfig) plus raydpo's Ray fields.")
+                            description="raydpo train [CONFIG.yaml | --config CONFIG.yaml] [--set key=value ...] "
+                                        "[--FIELD VALUE ...]: train one DPO run. Takes `trl dpo`'s config files and "
+                                        "flags (TRL's ScriptArguments, DPOConfig and ModelConfig) plus raydpo's Ray "
+                                        "fields.")
 
 
 def refusal(names: List[str]) -> str:
