@@ -81,7 +81,8 @@ def dpo_settings(config: DPOConfig) -> dict:
     settings = {name: getattr(config, name) for name in ALWAYS_SHOWN_FIELDS}
     for spec in dataclasses.fields(DPOConfig):
         value = getattr(config, spec.name)
-        if spec.name not in settings and spec.name not in RUN_LOCATION_FIELDS and value != spec.default:
+        default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        if spec.name not in settings and spec.name not in RUN_LOCATION_FIELDS and value != default:
             settings[spec.name] = value
     return settings
 
