@@ -26,10 +26,10 @@ from raydpo.reference.peft_base import ADAPTER_CONFIG, is_adapter_dir
 
 CARD_KEYS = ("base_model", "training_data", "dpo_config", "metrics")
 # Where a run wrote its files and which cluster it used: local paths and addresses that say nothing
-# about the model and should not end up in a (possibly public) card.
+# about the model and should not end up in a (possibly public) card; and where it uploads to, with a secret.
 RUN_LOCATION_FIELDS = ("output_dir", "run_name", "storage_path", "ray_address", "dataset_cache_dir",
-                       "precompute_ref_cache_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
-                       "hub_private_repo")  # where it uploads to, and a secret
+                       "precompute_ref_cache_dir", "resume_from_checkpoint",
+                       "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo")
 ALWAYS_SHOWN_FIELDS = ("beta", "loss_type")
 HUB_MODEL_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
