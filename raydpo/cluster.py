@@ -4,23 +4,47 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from typing import Optional
 
 import ray
 
 
-def connect(address: Optional[str] = None) -> None:
-    """Join `address` (or RAY_ADDRESS); with neither, start an embedded local Ray. Reuse a live session."""
+def connect(address: Optional[str] = None, **init_kwargs) -> None:
+    """Join `address` (or RAY_ADDRESS); with neither, or "local", start an embedded local Ray
+    (`init_kwargs` go to ray.init, e.g. num_cpus). Reuse a live session."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address)
-    else:
-        # Ray Train otherwise echoes every worker print through its logger too: each line twice.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        ray.init(address="local", dashboard_host="127.0.0.1")
+        return
+    # Ray Train otherwise echoes every worker print through its logger too: each line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    port = _free_port()
+    # Works around a Ray 2.60 bug: Ray Train V2's PlacementGroupCleaner asks the state API for the
+    # controller with no address, so the API looks for "the" Ray instance on the machine. With two on one
+    # machine (two notebooks, a test beside a run) that raises ConnectionError, and with a busy GCS an
+    # RpcError; it catches neither, and its monitor thread dies with a traceback in the run's output.
+    # RAY_API_SERVER_ADDRESS names this session's dashboard to the state API: the raylet started here, and
+    # so every Ray process of this session, inherits it, and a slow reply is then an error it does catch.
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 **init_kwargs)
+    finally:  # this process keeps what it had
+        if previous is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_resources(num_workers: int, use_gpu: bool, requested: Optional[dict], reserved_cpus: float = 0.0) -> dict:
@@ -76,6 +100,15 @@ def quiet_logs(log_level: str, worker: bool = False) -> None:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if not worker:
         return
+    try:
+        # Ray 2.60 logs each ray.train.report ("Reporting training result ...", ~700 characters per step and
+        # worker) through logging.getLogger(__file__): a logger named by a path, outside "ray.train", so
+        # RunConfig.logging_config does not reach it. Set on that logger itself.
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(ray_log_level(log_level))
+    except ImportError:  # another Ray version: its own logging config applies
+        pass
     if log_level != "passive":  # as transformers' Trainer does with log_level
         import transformers
 

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from raydpo.data.batching import collate
-from raydpo.data.tokenize import tokenize_row
+from raydpo.data.formats import normalize
+from raydpo.data.tokenize import tokenize_pair
 from raydpo.logprobs import model_completion_logps
 
 
@@ -28,7 +29,7 @@ def _pair_logps(model, tokenized: list, pad_token_id: int, max_length, truncatio
 
 def preference_scores(model, tokenizer, rows: list, beta: float, max_length: Optional[int],
                       ref_model=None, truncation_mode: str = "keep_start", batch_size: int = 16) -> dict:
-    """Score {prompt, chosen, rejected} rows.
+    """Score {prompt, chosen, rejected} rows, standard or conversational (as DPOTrainer tokenizes them).
 
     policy_prefers_chosen: fraction of pairs with logp(chosen) > logp(rejected) under `model`.
     With ref_model, also reward_accuracy (fraction with beta*log(pi/pi_ref)(chosen) >
@@ -37,7 +38,7 @@ def preference_scores(model, tokenizer, rows: list, beta: float, max_length: Opt
     if not rows:
         raise ValueError("preference_scores needs at least one row")
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokenized = [tokenize_row(tokenizer, row) for row in rows]
+    tokenized = [tokenize_pair(tokenizer, normalize(row)[1]) for row in rows]
     args = (pad_token_id, max_length, truncation_mode, batch_size)
     chosen, rejected = _pair_logps(model, tokenized, *args)
     scores = {"num_pairs": len(rows), "policy_prefers_chosen": (chosen > rejected).float().mean().item()}

@@ -7,6 +7,8 @@ so held-out reward accuracy measures whether DPO learned the rule (chance is 0.5
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import Callable
 
 COLOURS = ("red", "green", "blue")
 
@@ -33,6 +35,50 @@ def arithmetic_pairs(n: int, seed: int = 0) -> list:
         rows.append({"prompt": f"What is {a} + {b}? Answer with the number only.",
                      "chosen": str(a + b), "rejected": str(wrong)})
     return rows
+
+
+WORDS = """apple river garden window silver forest candle orange pencil rabbit mountain bottle jacket lemon
+island dragon castle summer winter button carpet doctor engine farmer guitar hammer kitten ladder market
+needle ocean pepper planet rocket saddle tiger violin wallet yellow zebra anchor basket cookie desert
+feather glove harbor jungle kettle lantern meadow napkin oyster parrot quilt ribbon shadow tunnel umbrella
+valley walnut blanket camera dolphin eagle falcon giraffe helmet iceberg jigsaw koala lizard magnet nickel
+orchid panda quartz raven salmon turtle velvet whistle anthem bamboo cactus daisy emerald fossil glacier
+hazel igloo jasmine kayak lotus marble nectar olive pebble radish sapphire tulip unicorn vortex willow
+yogurt zipper acorn beacon cobalt domino""".split()
+
+
+def letter_case_pairs(n: int, seed: int = 0) -> list:
+    """Conversational rows: 'Write the word "tiger" in uppercase letters, and nothing else.' -> chosen
+    "TIGER", rejected "tiger" (and the other way round for lowercase, half of the rows). The answer
+    depends on the instruction, so a policy that merely favours one case gets half the pairs right."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word, upper = rng.choice(WORDS), rng.random() < 0.5
+        right, wrong = (word.upper(), word.lower()) if upper else (word.lower(), word.upper())
+        instruction = f'Write the word "{word}" in {"uppercase" if upper else "lowercase"} letters, and nothing else.'
+        rows.append({"prompt": [{"role": "user", "content": instruction}],
+                     "chosen": [{"role": "assistant", "content": right}],
+                     "rejected": [{"role": "assistant", "content": wrong}]})
+    return rows
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """`make demo`'s task and the settings measured to learn it (README: make demo)."""
+    name: str
+    description: str
+    pairs: Callable[..., list]  # (n, seed) -> rows
+    steps: int
+    batch_size: int  # pairs per worker per step
+    learning_rate: float
+    eval_steps: int
+
+
+# SmolLM2-135M-Instruct follows the case instruction for ~70% of held-out pairs before training. The
+# former demo task, arithmetic_pairs, sits near chance (0.58) and DPO did not teach it in a few minutes.
+DEMO_TASK = DemoTask(name="letter-case", description="follow an uppercase/lowercase instruction",
+                     pairs=letter_case_pairs, steps=12, batch_size=8, learning_rate=3e-5, eval_steps=3)
 
 
 def colour_image(colour: str, size=(20, 24)):

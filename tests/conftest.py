@@ -19,11 +19,15 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def ray_session():
     import ray
 
+    from raydpo import cluster
+
     # The dashboard serves the state API that Ray Train V2's placement-group cleanup queries: without
     # it a finished run can keep its placement group, and the next run waits for CPUs forever.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    # cluster.connect also names that dashboard to the cleaner (see there), which otherwise fails when
+    # a test starts a second Ray instance on this machine.
+    cluster.connect("local", num_cpus=2,
+                    runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
+                                              "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
 

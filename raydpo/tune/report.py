@@ -79,6 +79,10 @@ def plot_run(history: list, path: str, metrics=("loss", "eval_rewards/accuracies
         points = [(h["global_step"], h[metric]) for h in history if metric in h and "global_step" in h]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3)
+        if "accuracies" in metric:  # a fraction of pairs: the whole range, and chance marked
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
+            ax.legend(fontsize=8)
         ax.set_xlabel("global_step")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
