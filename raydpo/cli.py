@@ -1,6 +1,6 @@
 """The `raydpo` command: thin entry points over the Python API.
 
-    raydpo train CONFIG.yaml [--set key=value ...]
+    raydpo train [CONFIG.yaml | --config CONFIG.yaml] [--set key=value ...] [--FIELD VALUE ...]
     raydpo sweep CONFIG.yaml [--set key=value ...]
     raydpo report RESULTS_DIR [--metric loss --mode min]
     raydpo data DATA --model MODEL [--max-length 1024 --truncation-mode keep_start]
@@ -9,6 +9,8 @@
 A config is one flat YAML mapping: DPOConfig fields plus `model`, `ref_model`, `train_dataset`,
 `eval_dataset` (and, for sweeps, `search_space`, `scheduler`, `metric`, `mode`, `num_samples`,
 `max_concurrent_trials`, `name`). Unknown keys and bad values exit with status 2 naming the key.
+`raydpo train` also takes `trl dpo`'s configs and flags (TRL's ScriptArguments, DPOConfig and
+ModelConfig: `model_name_or_path`, `dataset_name`, `use_peft`, ...): see raydpo/script_args.py.
 """
 
 from __future__ import annotations
@@ -57,12 +59,18 @@ def load_config(path: str, overrides: list, extra_keys: set) -> tuple:
 
 def train(args) -> int:
     from raydpo import DPOTrainer
+    from raydpo.script_args import parse_train_args
 
-    config, run = load_config(args.config, args.set, set())
-    trainer = DPOTrainer(run["model"], ref_model=run.get("ref_model"), args=config,
-                         train_dataset=run["train_dataset"], eval_dataset=run.get("eval_dataset"))
-    output = trainer.train()
+    job = parse_train_args(args.argv)
+    config = job.config
+    trainer = DPOTrainer(job.model, ref_model=job.ref_model, args=config, train_dataset=job.train_dataset,
+                         eval_dataset=job.eval_dataset, peft_config=job.peft_config)
+    if job.dataset_name:  # TRL's dataset_name names the training data on the model card, as in TRL's script
+        trainer.train_dataset_description = job.dataset_name
+    output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     saved = trainer.save_model()
+    if config.push_to_hub:  # train() pushed (at the end, and with hub_strategy="every_save" at each save)
+        print(f"[raydpo] pushed the model to the Hub as {trainer.hub_model_id}")
     final = ", ".join(f"{name} {output.metrics[name]:.4f}" for name in ("loss", "eval_loss", "eval_rewards/accuracies")
                       if name in output.metrics)
     print(f"[raydpo] done: {output.metrics.get('global_step')} steps, {final}; "
@@ -122,13 +130,15 @@ def push(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydpo", description="Ray-native DPO training and sweeps")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, handler, text in (("train", train, "train one DPO run from a YAML config"),
-                                ("sweep", sweep, "run a Ray Tune sweep from a YAML config")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("config")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override one config key (YAML value), repeatable")
-        sub.set_defaults(handler=handler)
+    # train's arguments (TRL's flags too) are parsed by raydpo.script_args: `raydpo train -h` lists them
+    sub = commands.add_parser("train", add_help=False, help="train one DPO run from a YAML config (raydpo's or "
+                                                            "`trl dpo`'s) and TRL-style --field value flags")
+    sub.set_defaults(handler=train)
+    sub = commands.add_parser("sweep", help="run a Ray Tune sweep from a YAML config")
+    sub.add_argument("config")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (YAML value), repeatable")
+    sub.set_defaults(handler=sweep)
     sub = commands.add_parser("report", help="print the table and redraw the plot of a finished sweep")
     sub.add_argument("results_dir")
     sub.add_argument("--metric", default="loss")
@@ -155,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["train"]:  # everything after `train` is train's own (TRL-style flags included)
+        args = parser.parse_args(argv[:1])
+        args.argv = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as error:

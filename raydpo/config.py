@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES
@@ -34,6 +34,8 @@ SAVE_STRATEGIES = ("no", "steps", "epoch", "best")  # transformers 5's SaveStrat
 # TrainingArguments.optim values raydpo builds as transformers' Trainer does (train/deepspeed.py).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 HUB_STRATEGIES = ("end", "every_save")  # of transformers' HubStrategy
+# What model_init_kwargs["dtype"] may name (torch's floating dtypes, and from_pretrained's "auto").
+MODEL_DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half", "float64", "double")
 
 
 @dataclass
@@ -42,11 +44,16 @@ class DPOConfig:
     output_dir: str = "outputs/raydpo"
     run_name: Optional[str] = None
     # Where logged metrics go: "tensorboard", "mlflow", "wandb" (a list, "all" or "none"); train/trackers.py.
-    report_to: Union[str, List[str]] = "tensorboard"
+    # (None first: an HfArgumentParser flag then takes one name, keeping the default, as TRL's does.)
+    report_to: Union[None, str, List[str]] = "tensorboard"
+    # transformers' TrainingArguments.resume_from_checkpoint: as there, the Trainer does not read it; a
+    # script passes it to train(resume_from_checkpoint=...), as TRL's dpo.py and `raydpo train` do.
+    resume_from_checkpoint: Optional[str] = None
     # --- the Hugging Face Hub (transformers' names and defaults; README "Uploading to the Hugging Face Hub") ---
     # push_to_hub: train() uploads the trained model (save_model's folder, with a model card) to
-    # hub_model_id (None: the name of output_dir). hub_strategy "every_save" also uploads each saved
-    # checkpoint's model while training runs; "end" only at the end.
+    # hub_model_id (None: the name of output_dir, in the token's namespace). hub_strategy "every_save" also
+    # uploads each saved checkpoint's model while training runs; "end" only at the end. `raydpo train` and
+    # TRL's scripts push through train() too.
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
     hub_strategy: str = "every_save"
@@ -58,10 +65,10 @@ class DPOConfig:
     lr_scheduler_type: str = "linear"
     # Passed to transformers.get_scheduler as scheduler_specific_kwargs, e.g. {"min_lr_rate": 0.1} for
     # "cosine_with_min_lr" or {"num_decay_steps": 100} for "warmup_stable_decay".
-    lr_scheduler_kwargs: Optional[dict] = None
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = None
     # An int >= 1: steps (a float >= 1 is truncated, as transformers' get_warmup_steps does); a float in
     # (0, 1): a ratio of the total steps, ceil(ratio * total). 0 falls back to warmup_ratio.
-    warmup_steps: Union[int, float] = 0
+    warmup_steps: float = 0
     warmup_ratio: float = 0.0  # transformers 4's name (gone from transformers 5); warmup_steps wins when > 0
     # transformers' TrainingArguments.optim; "adamw_torch_fused" is its default with torch >= 2.8, so TRL's.
     # A DeepSpeed config with its own "optimizer" section overrides it (as in transformers' Trainer).
@@ -81,7 +88,7 @@ class DPOConfig:
     # --- logging and checkpoints ---
     # logging_steps, save_steps and eval_steps: an int >= 1 is a number of optimizer steps, a float in
     # (0, 1) a ratio of the total steps, ceil(ratio * total) (transformers' TrainerState.compute_steps).
-    logging_steps: Union[int, float] = 10
+    logging_steps: float = 10
     logging_first_step: bool = False  # also log after step 1
     # transformers' name and values. What the run prints beside raydpo's own progress lines: "passive"
     # (the default) keeps Ray Train's and Ray Data's per-step and per-dataset INFO lines out of the
@@ -92,13 +99,13 @@ class DPOConfig:
     # metric_for_best_model beats its best so far; "no": never. Except with "no", the last step is
     # always saved (save_model and push_to_hub need a checkpoint).
     save_strategy: str = "steps"
-    save_steps: Union[int, float] = 500
+    save_steps: float = 500
 
     # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
     # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
     # epoch's end; the last step is always evaluated. Metrics are logged as "eval_<name>" (transformers' names).
     eval_strategy: str = "no"
-    eval_steps: Optional[Union[int, float]] = None
+    eval_steps: Optional[float] = None
     # Evaluate before the first step too (a sanity check, as in transformers): logged at the starting
     # step; neither early stopping nor the best checkpoint counts it.
     eval_on_start: bool = False
@@ -113,8 +120,9 @@ class DPOConfig:
 
     # --- DPO ---
     beta: float = 0.1
-    loss_type: Union[str, list] = "sigmoid"
-    loss_weights: Optional[list] = None
+    # A name or a list of names (TRL's default is the list ["sigmoid"]); a one-name list becomes that name.
+    loss_type: Union[str, List[str]] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[List[float]] = None
     label_smoothing: float = 0.0
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
@@ -136,7 +144,9 @@ class DPOConfig:
     # Cache tokenized datasets in this local folder, keyed by source data, tokenizer and map_fn.
     dataset_cache_dir: Optional[str] = None
     # --- end data ---
-    model_init_kwargs: Optional[dict] = None
+    # from_pretrained's keyword arguments (also as JSON text). "dtype" (or transformers 4's "torch_dtype") may
+    # name a torch dtype, e.g. "bfloat16", or be "auto"; the default is float32.
+    model_init_kwargs: Optional[Union[dict, str]] = None
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
     # Reference-model options of TRL. sync_ref_model (TR-DPO): every ref_model_sync_steps the in-worker
@@ -151,7 +161,7 @@ class DPOConfig:
     # {"GPU": 1} with use_gpu, else {"CPU": 1}).
     precompute_ref_batch_size: Optional[int] = None
     precompute_ref_num_actors: int = 1
-    precompute_ref_resources: Optional[dict] = None
+    precompute_ref_resources: Optional[Union[dict, str]] = None
     # Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), so a
     # second run and every sweep trial skip the reference forward. None turns the cache off.
     precompute_ref_cache_dir: Optional[str] = "~/.cache/raydpo/ref_logps"
@@ -167,7 +177,7 @@ class DPOConfig:
     use_gpu: bool = False
     # Resources of one training worker, e.g. {"CPU": 0.5}. None sizes it from the cluster so that
     # N workers fit beside Ray Data's tasks on a small machine.
-    resources_per_worker: Optional[dict] = None
+    resources_per_worker: Optional[Union[dict, str]] = None
     # A DeepSpeed config: a dict or a path to a JSON file. None uses raydpo's default; "auto" values
     # and missing batch / accumulation / clipping / optimizer fields are filled from this config.
     deepspeed: Optional[Union[dict, str]] = None
@@ -189,7 +199,16 @@ class DPOConfig:
     # Remote code in a model repo runs only when the user asks for it.
     trust_remote_code: bool = False
 
+    # --- accepted for TRL configs, with no effect (README "CLI") ---
+    # TRL's DPOTrainer keeps the columns DPO reads (prompt, chosen, rejected, images, tools) whatever this
+    # says, and raydpo reads only those: neither value changes a run.
+    remove_unused_columns: bool = True
+
     def __post_init__(self):
+        self._parse_json_fields()
+        if isinstance(self.loss_type, (list, tuple)) and len(self.loss_type) == 1:
+            self.loss_type = self.loss_type[0]
+
         def positive(name, allow_zero=False):
             value = getattr(self, name)
             if value < 0 or (value == 0 and not allow_zero):
@@ -239,6 +258,31 @@ class DPOConfig:
                 "checkpoint", "all_checkpoints") else ""
             raise ValueError(f"DPOConfig.hub_strategy must be one of {HUB_STRATEGIES}, got {self.hub_strategy!r}"
                              + other)
+
+    def _parse_json_fields(self):
+        """Dict fields given as JSON text (a command-line flag), as transformers' TrainingArguments takes them;
+        deepspeed's text is a file path unless it starts with "{"."""
+        for name in ("lr_scheduler_kwargs", "model_init_kwargs", "resources_per_worker", "precompute_ref_resources",
+                     "deepspeed"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or (name == "deepspeed" and not value.lstrip().startswith("{")):
+                continue
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"DPOConfig.{name} must be a dict, or a JSON object as text; {value!r} is not valid "
+                                 f"JSON ({error.msg})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"DPOConfig.{name} must be a dict, or a JSON object as text; got {value!r}")
+            setattr(self, name, value)
+        if self.model_init_kwargs is not None:
+            if not isinstance(self.model_init_kwargs, dict):
+                raise ValueError(f"DPOConfig.model_init_kwargs must be a dict or None, got {self.model_init_kwargs!r}")
+            for key in ("dtype", "torch_dtype"):
+                dtype = self.model_init_kwargs.get(key)
+                if isinstance(dtype, str) and dtype not in MODEL_DTYPES:
+                    raise ValueError(f"DPOConfig.model_init_kwargs[{key!r}] must be one of {MODEL_DTYPES} "
+                                     f"(or a torch.dtype), got {dtype!r}")
 
     def _check_step_counts(self):
         """A count of steps, or a ratio of the total steps when in (0, 1). As transformers, a count above 1

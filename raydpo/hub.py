@@ -26,10 +26,10 @@ from raydpo.reference.peft_base import ADAPTER_CONFIG, is_adapter_dir
 
 CARD_KEYS = ("base_model", "training_data", "dpo_config", "metrics")
 # Where a run wrote its files and which cluster it used: local paths and addresses that say nothing
-# about the model and should not end up in a (possibly public) card.
+# about the model and should not end up in a (possibly public) card; and where it uploads to, with a secret.
 RUN_LOCATION_FIELDS = ("output_dir", "run_name", "storage_path", "ray_address", "dataset_cache_dir",
-                       "precompute_ref_cache_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
-                       "hub_private_repo")  # where it uploads to, and a secret
+                       "precompute_ref_cache_dir", "resume_from_checkpoint",
+                       "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo")
 ALWAYS_SHOWN_FIELDS = ("beta", "loss_type")
 HUB_MODEL_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
@@ -81,7 +81,8 @@ def dpo_settings(config: DPOConfig) -> dict:
     settings = {name: getattr(config, name) for name in ALWAYS_SHOWN_FIELDS}
     for spec in dataclasses.fields(DPOConfig):
         value = getattr(config, spec.name)
-        if spec.name not in settings and spec.name not in RUN_LOCATION_FIELDS and value != spec.default:
+        default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+        if spec.name not in settings and spec.name not in RUN_LOCATION_FIELDS and value != default:
             settings[spec.name] = value
     return settings
 

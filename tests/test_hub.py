@@ -318,3 +318,43 @@ def test_trainer_push_to_hub_takes_the_hub_fields(hub, tiny_model, tmp_path):
 def test_unsupported_hub_strategies_are_refused(strategy):
     with pytest.raises(ValueError, match=f"hub_strategy must be one of \\('end', 'every_save'\\), got '{strategy}'"):
         DPOConfig(push_to_hub=True, hub_strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy, commits", [
+    ("end", ["End of training"]),
+    ("every_save", ["Training in progress, step 2", "End of training"]),
+])
+def test_raydpo_train_pushes_once_at_the_end(hub, tiny_model, tmp_path, monkeypatch, capsys, strategy, commits):
+    """`raydpo train` with push_to_hub: train() is what pushes (once at the end; with every_save also at
+    each save), the CLI adds no push of its own, and TRL's dataset_name names the training data on the card.
+    Ray is replaced by a fit() that saves checkpoint-2 (reported to the callback handler) and checkpoint-3."""
+    import raydpo
+    from raydpo.train import trainer as trainer_module
+    from raydpo.train.callbacks import CallbackHandler
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    checkpoint = tmp_path / "checkpoint-3"
+
+    class Trainer(trainer_module.DPOTrainer):
+        def __init__(self, model, args=None, **kwargs):
+            built = trainer_after_training(tiny_model, checkpoint)
+            self.__dict__.update(built.__dict__, args=args, state=None, resume_from_checkpoint=None, peft_config=None,
+                                 ref_model=None, processing_class=None, eval_data=None)
+            self.callback_handler = CallbackHandler(None, args, on_save_hook=self._push_checkpoint)
+
+    def fit(config, *args, handler=None, **kwargs):
+        assert (handler is not None) == (strategy == "every_save")
+        if handler is not None:
+            handler.on_save_hook(2, str(checkpoint), {"loss": 0.6})
+        return trainer_module.TrainOutput(metrics={"loss": 0.5, "global_step": 3}, checkpoint=str(checkpoint))
+
+    monkeypatch.setattr(raydpo, "DPOTrainer", Trainer)
+    monkeypatch.setattr(trainer_module, "fit", fit)
+    out = tmp_path / "my-run"
+    assert cli(["train", "--model_name_or_path", "/models/m", "--dataset_name", str(data), "--output_dir", str(out),
+                "--push_to_hub", "--hub_strategy", strategy, "--report_to", "none"]) == 0
+    assert [commit["header"]["summary"] for commit in hub.commits()] == commits
+    assert f"{data}; 240 pairs trained on" in hub.commits()[-1]["files"]["README.md"].decode()
+    assert f"pushed the model to the Hub as my-run" in capsys.readouterr().out
+    assert os.path.isfile(out / "config.json")  # save_model still writes output_dir

@@ -131,11 +131,23 @@ def _read(source: Any, split: Optional[str], split_name: str) -> "ray.data.Datas
             raise ValueError(f"{split_name} is a DatasetDict without a {split!r} split (it has {sorted(source)}); "
                              f"pass dataset[<split>]")
         source = source[split]
-    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+    if datasets is not None and isinstance(source, datasets.Dataset):
+        return _from_arrow_dataset(source)
+    if datasets is not None and isinstance(source, datasets.IterableDataset):
         return ray.data.from_huggingface(source)
     raise TypeError(
         f"{split_name} must be a list of dicts, a path (or list of paths) to .jsonl/.json/.parquet files or "
         f"folders, a datasets.Dataset or DatasetDict, or a ray.data.Dataset; got {type(source).__name__}")
+
+
+def _from_arrow_dataset(dataset, rows_per_block: int = 1024) -> "ray.data.Dataset":
+    """A `datasets.Dataset`'s rows (its Arrow table, selections and shuffles applied), without
+    ray.data.from_huggingface: that asks the Hub for the parquet files of the dataset the info names, and
+    a Dataset loaded from a local folder is named after the folder, so offline it fails and online it
+    could read another dataset of that name."""
+    table = dataset.with_format("arrow")[:]
+    return ray.data.from_arrow([table.slice(start, rows_per_block)
+                                for start in range(0, max(len(table), 1), rows_per_block)])
 
 
 def _read_files(files: list) -> "ray.data.Dataset":

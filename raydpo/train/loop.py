@@ -31,13 +31,24 @@ from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
 
 
+def model_init_kwargs(config: DPOConfig) -> dict:
+    """from_pretrained's keyword arguments: float32 and config.trust_remote_code unless model_init_kwargs
+    says otherwise; a dtype named as text ("bfloat16", transformers 4's torch_dtype key too) becomes torch's."""
+    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
+
+
 def load_model(path: str, config: DPOConfig):
     """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
-    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
+    kwargs = model_init_kwargs(config)
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
     vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)

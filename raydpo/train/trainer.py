@@ -187,13 +187,19 @@ class DPOTrainer:
 
     model / ref_model: a local path or model id (what from_pretrained takes), or a PreTrainedModel /
     PeftModel object, saved once and handed on as a path (model_objects.py). ref_model=None uses a
-    frozen copy of the initial policy. callbacks: transformers TrainerCallbacks, run on the driver. The data is tokenized and checked here, before any training
-    worker starts: a bad row raises a ValueError naming its index and field.
+    frozen copy of the initial policy. callbacks: transformers TrainerCallbacks, run on the driver.
+    quantization_config: TRL's keyword, accepted as None only (quantized base models are not trained).
+    The data is tokenized and checked here, before any training worker starts: a bad row raises a
+    ValueError naming its index and field.
     """
 
     def __init__(self, model: Any, ref_model: Any = None, args: Optional[DPOConfig] = None,
                  train_dataset: Any = None, eval_dataset: Any = None, processing_class=None,
-                 resume_from_checkpoint: Optional[str] = None, peft_config=None, callbacks: Optional[list] = None):
+                 resume_from_checkpoint: Optional[str] = None, peft_config=None, callbacks: Optional[list] = None,
+                 quantization_config=None):
+        if quantization_config is not None:  # TRL's script passes get_quantization_config(model_args): None unless asked
+            raise ValueError("quantization_config: raydpo does not train quantized (bitsandbytes 4/8-bit) base models; "
+                             "pass quantization_config=None (drop load_in_4bit / load_in_8bit)")
         for name, value in (("model", model), ("ref_model", ref_model)):
             if not (value is None and name == "ref_model" or isinstance(value, (str, os.PathLike))
                     or is_model_object(value)):
@@ -228,9 +234,7 @@ class DPOTrainer:
         tokenizer = text_tokenizer(self.processing_class)  # a processor's own tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as TRL does
-        if resume_from_checkpoint is not None and not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {resume_from_checkpoint!r}")
-        self.resume_from_checkpoint = resume_from_checkpoint
+        self.resume_from_checkpoint = _checkpoint_folder(resume_from_checkpoint)
         self.state: Optional[TrainOutput] = None
         # transformers TrainerCallbacks, run on the driver (callbacks.py); with hub_strategy="every_save"
         # the handler also pushes each saved checkpoint
@@ -268,9 +272,13 @@ class DPOTrainer:
             ref_model = save_model_object(ref_model, os.path.join(folder, "ref_model"), "ref_model")
         return model, ref_model
 
-    def train(self) -> TrainOutput:
-        """One Ray Train run. TrainerCallbacks get their events live; with push_to_hub the trained model
-        is uploaded at the end (and with hub_strategy="every_save" each checkpoint as it is saved)."""
+    def train(self, resume_from_checkpoint: Optional[str] = None) -> TrainOutput:
+        """One Ray Train run. resume_from_checkpoint (a checkpoint folder) overrides the constructor's, as
+        transformers' Trainer.train(resume_from_checkpoint=...) is called by TRL's scripts. TrainerCallbacks
+        get their events live; with push_to_hub the trained model is uploaded at the end (and with
+        hub_strategy="every_save" each checkpoint as it is saved)."""
+        if resume_from_checkpoint is not None:
+            self.resume_from_checkpoint = _checkpoint_folder(resume_from_checkpoint)
         handler = self.callback_handler
         every_save = self.args.push_to_hub and self.args.hub_strategy == "every_save"
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
@@ -325,26 +333,71 @@ class DPOTrainer:
         return export_model(self.state.checkpoint, output_dir)
 
     def push_to_hub(self, repo_id: Optional[str] = None, token: Optional[str] = None, private: Optional[bool] = None,
-                    commit_message: str = "Upload DPO model trained with raydpo") -> str:
+                    commit_message: str = "Upload DPO model trained with raydpo",
+                    dataset_name: Optional[str] = None) -> str:
         """Upload what save_model writes (the trained checkpoint's model/ folder) to the Hugging Face Hub,
         with a model card naming the base model, the training data, the DPO config and the final metrics.
-        Returns the repo URL. repo_id, token and private default to DPOConfig's hub_model_id (else the name
-        of output_dir, as transformers), hub_token and hub_private_repo. The endpoint is huggingface_hub's
-        (HF_ENDPOINT), the token its own when none is given."""
+        Returns the repo URL. The endpoint is huggingface_hub's (HF_ENDPOINT), the token its own when none
+        is given.
+
+        As transformers' Trainer.push_to_hub (TRL's scripts call it without a repo): repo_id, token and
+        private default to DPOConfig's hub_model_id (else the output_dir's folder name: `hub_model_id`),
+        hub_token and hub_private_repo; dataset_name (TRL's keyword) names the training data on the card."""
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("push_to_hub needs a finished train() with a checkpoint: call trainer.train() first")
         return self._push(os.path.join(self.state.checkpoint, MODEL_DIR), self.state.metrics, commit_message,
-                          repo_id, token, private)
+                          repo_id, token, private, dataset_name)
 
     def _push(self, folder: str, metrics: dict, commit_message: str, repo_id: Optional[str] = None,
-              token: Optional[str] = None, private: Optional[bool] = None) -> str:
-        repo_id = repo_id or self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+              token: Optional[str] = None, private: Optional[bool] = None, dataset_name: Optional[str] = None) -> str:
+        repo_id = repo_id or self.hub_model_id
         token = token if token is not None else self.args.hub_token
         private = private if private is not None else self.args.hub_private_repo
         base_model = getattr(self, "model_name", None) or (
             adapter_base(self.model) if is_adapter_dir(self.model) else self.model)
-        card = {"base_model": base_model,
-                "training_data": f"{self.train_dataset_description}; {self.train_data.num_rows} pairs trained on",
+        data = dataset_name or self.train_dataset_description
+        card = {"base_model": base_model, "training_data": f"{data}; {self.train_data.num_rows} pairs trained on",
                 "dpo_config": self.args, "metrics": metrics}
         return hub.push_to_hub(folder, repo_id, model_card=card, token=token, private=private,
                                commit_message=commit_message)
+
+    @property
+    def hub_model_id(self) -> str:
+        """The repo push_to_hub uses without a repo_id (transformers' rule): args.hub_model_id, else the
+        output_dir's folder name."""
+        return self.args.hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(self.args.output_dir)))
+
+    @property
+    def accelerator(self) -> "DriverAccelerator":
+        """For scripts written against TRL's trainer (`trainer.accelerator.print(...)`): the driver is the
+        only process a raydpo script runs in, so it is the main process and prints."""
+        return DriverAccelerator()
+
+    def end(self) -> None:
+        """transformers' Trainer.end() (TRL's scripts call it last): it finishes the trackers and the
+        process group. In raydpo both live in the Ray workers and are finished when train() returns, so
+        there is nothing left to close."""
+
+
+class DriverAccelerator:
+    """The part of accelerate's Accelerator that TRL's scripts use on the trainer, for the Ray driver."""
+
+    is_main_process = True
+    is_local_main_process = True
+    process_index = 0
+    num_processes = 1
+
+    def print(self, *args, **kwargs) -> None:
+        print(*args, **kwargs)
+
+
+def _checkpoint_folder(path) -> Optional[str]:
+    if path is None:
+        return None
+    if isinstance(path, bool):  # transformers' True: the last checkpoint in output_dir
+        raise ValueError("resume_from_checkpoint=True (the latest checkpoint in output_dir) is not supported: "
+                         "checkpoints go to <output_dir or storage_path>/<run_name>/checkpoint-<step>, so pass "
+                         "that folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {path!r}")
+    return os.fspath(path)
