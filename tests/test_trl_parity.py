@@ -97,7 +97,8 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
 MULTI_STEP = dict(learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="cosine_with_min_lr",
                   lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.34, max_grad_norm=0.05,
                   gradient_accumulation_steps=2, max_steps=5, logging_steps=1, max_length=32, seed=0,
-                  eval_strategy="steps", eval_steps=0.4, eval_on_start=True, per_device_eval_batch_size=2)
+                  eval_strategy="steps", eval_steps=0.4, eval_on_start=True, per_device_eval_batch_size=2,
+                  loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])  # a DPO + SFT mix (RPO-style)
 STEP_METRICS = ["loss", "grad_norm", "learning_rate", "rewards/chosen", "logps/chosen"]
 EVAL_METRICS = ["loss", "rewards/chosen", "logps/chosen"]
 
@@ -122,7 +123,7 @@ def trl_steps(model_path, ref_path, rows, eval_rows, output_dir, batch_size) -> 
 
 def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, reference_model, parity_rows, tmp_path):
     """Five optimizer steps: AdamW (TRL's default, fused) with weight decay and Trainer's no-decay groups,
-    a ratio warmup into cosine_with_min_lr, clipping, accumulation; raydpo on 2 workers (ZeRO-2), TRL on
+    a ratio warmup into cosine_with_min_lr, clipping, accumulation, a sigmoid + sft loss mix; raydpo on 2 workers (ZeRO-2), TRL on
     one process with the same global batch. The data set is one global batch, so every step of both
     trains on all its rows: the shuffle (raydpo's group_by_length, TRL's sampler) cannot change a step.
     Evaluations: eval_on_start, then every ceil(0.4 * 5) = 2 steps and at the end."""
