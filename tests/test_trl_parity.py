@@ -8,6 +8,8 @@ path around it is checked against this same step elsewhere (test_losses_e2e, tes
 reference is a second model with other weights, so the rewards are not all zero.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -149,3 +151,58 @@ def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, referen
     assert all(h["grad_norm"] > MULTI_STEP["max_grad_norm"] for h in theirs)  # clipping was active
     rates = [h["learning_rate"] for h in theirs]  # warmup ceil(0.34 * 5) = 2 steps, then down to 10%
     assert rates[0] == 0.0 and rates[1] == pytest.approx(5e-3) and rates[2] == pytest.approx(1e-2)
+
+
+# --- PEFT: continuing a saved adapter (issue 16) ---
+
+PEFT_STEPS = dict(learning_rate=1e-2, max_steps=2, logging_steps=1, max_length=32, seed=0)
+PEFT_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "grad_norm"]
+
+
+def test_continued_adapter_matches_trl(ray_session, tiny_model, parity_rows, tmp_path):
+    """A PeftModel holding a saved (non-identity) LoRA adapter, continued with ref_model=None: TRL's reference
+    is a frozen copy of that adapter ("ref"), not the base. raydpo (the object shipped as its adapter folder,
+    2 workers, ZeRO-3, where the "ref" adapter is sharded with the rest) and TRL (one process, the same global
+    batch) log the same two steps: at step 1 the policy is its reference (zero rewards; the base as reference
+    would not give that), at step 2 the adapter has moved away from it."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from raydpo import DPOTrainer
+
+    adapter = str(tmp_path / "adapter")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
+                      init_lora_weights=False, task_type="CAUSAL_LM")  # random B: the adapter is not the base
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+
+    def continued():
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter, is_trainable=True)
+
+    rows = parity_rows[:8]  # one global batch: 2 workers x 4 pairs = TRL's 8
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, report_to="none",
+                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, **PEFT_STEPS)
+    trl = TRLTrainer(model=continued(), args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    assert "ref" in trl.model.peft_config  # TRL's frozen copy of the loaded adapter
+    trl.train()
+    theirs = [h for h in trl.state.log_history if "loss" in h]
+
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=2, zero_stage=3, per_device_train_batch_size=4,
+                       report_to="none", **PEFT_STEPS)  # the last step is saved
+    out = DPOTrainer(continued(), args=config, train_dataset=rows).train()
+    ours = [h for h in out.history if "loss" in h]
+    print({"trl": theirs, "raydpo": ours})
+
+    assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2]
+    for step, (mine, trl_step) in enumerate(zip(ours, theirs), start=1):
+        for name in PEFT_METRICS:
+            assert mine[name] == pytest.approx(trl_step[name], rel=1e-4, abs=1e-6), (step, name)
+    assert theirs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is its reference
+    assert abs(theirs[1]["rewards/margins"]) > 1e-3  # step 2: it has moved from it
+    saved = os.path.join(out.checkpoint, "model")  # the trained adapter alone, not its frozen "ref" copy
+    assert os.path.isfile(os.path.join(saved, "adapter_config.json")) and not os.path.exists(os.path.join(saved, "ref"))

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import ray
 import ray.train
@@ -24,7 +25,8 @@ from raydpo.data.batching import collate, epoch_order, row_length, token_counts
 from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
 from raydpo.losses import dpo_loss, rewards
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
-from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_model, reference_model_path
+from raydpo.reference.peft_base import (REF_ADAPTER, adapter_base, add_reference_adapter, is_adapter_dir,
+                                       is_peft_model, reference_model_path)
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
@@ -32,27 +34,46 @@ from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_rati
 
 
 def load_model(path: str, config: DPOConfig):
-    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL."""
+    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL.
+    A PEFT adapter folder gives that adapter, frozen, on its base (a continued adapter's reference)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        return _prepare(PeftModel.from_pretrained(load_model(adapter_base(path), config), path), config)
     kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
     vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if config.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        _disable_dropout(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
 
 
-def load_policy(path: str, config: DPOConfig, peft_config=None):
+def _disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _prepare(peft_model, config: DPOConfig):
+    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
+        _disable_dropout(peft_model)
+    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def load_policy(path: str, config: DPOConfig, peft_config=None, reference_adapter: Optional[str] = None):
     """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
-    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue."""
+    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue.
+    `reference_adapter`: an adapter folder loaded beside the trained adapter, frozen, as "ref" (the
+    reference of a continued adapter, as TRL's; `PeftBaseReference(policy, REF_ADAPTER)` uses it)."""
     if is_adapter_dir(path):
         from peft import PeftModel
 
@@ -63,13 +84,17 @@ def load_policy(path: str, config: DPOConfig, peft_config=None):
         model = get_peft_model(load_model(path, config), peft_config)
     else:
         return load_model(path, config)
-    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
-        model.enable_input_require_grads()
-    return model
+    if reference_adapter is not None:
+        training = model.training
+        add_reference_adapter(model, reference_adapter)
+        model.train(training)  # load_adapter puts the whole model in eval mode
+    return _prepare(model, config)
+
+
+def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
+    """The adapter folder whose frozen copy is the reference: `model` when it is an adapter folder being
+    continued with no ref_model (TRL's "ref" adapter), else None."""
+    return model if ref_model is None and is_adapter_dir(model) else None
 
 
 def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
@@ -80,7 +105,9 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
         return StreamedReference(loop_config["reference_pool"], config.stream_ref_prefetch_batches)
     if loop_config.get("ref_model") is None and is_peft_model(engine.module):
-        return PeftBaseReference(engine.module)  # the base with adapters disabled: no second model
+        # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
+        adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
+        return PeftBaseReference(engine.module, adapter)
     path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
@@ -166,7 +193,9 @@ def train_loop_per_worker(loop_config: dict):
     lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
 
     ds_config = build_deepspeed_config(config, world_size)
-    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
+    in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
+    reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
+    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
     if config.share_prompt and not shares_prompt_safely(engine):
         config = dataclasses.replace(config, share_prompt=False)
