@@ -93,11 +93,26 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
     assert torch.equal(PeftBaseReference(policy, REF_ADAPTER).logps(batch), reference)
     assert torch.allclose(InWorkerReference(load_model(adapter, config), {}).logps(batch), reference, atol=1e-6, rtol=0)
 
-    saved = tmp_path / "saved"
+    saved = tmp_path / "checkpoint" / "model"
     policy.save_pretrained(str(saved), selected_adapters=[policy.active_adapter])  # as checkpoint.export_model
     assert (saved / "adapter_config.json").is_file() and not (saved / REF_ADAPTER).exists()
     with pytest.raises(ValueError, match="no adapter 'other'"):
         PeftBaseReference(policy, "other")
+
+    # DPOTrainer.evaluate() (driver_eval): the initial adapter is its own reference; a checkpoint's moved
+    # adapter is scored against the adapter it started from
+    import types
+
+    from transformers import AutoTokenizer
+
+    from raydpo.train.driver_eval import evaluate_policy
+
+    data = types.SimpleNamespace(dataset=types.SimpleNamespace(iter_rows=lambda: iter(rows)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    initial = evaluate_policy(config, adapter, None, None, tokenizer, data)
+    assert initial["eval_rewards/margins"] == 0.0 and initial["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    trained = evaluate_policy(config, adapter, None, None, tokenizer, data, checkpoint_dir=str(tmp_path / "checkpoint"))
+    assert abs(trained["eval_rewards/margins"]) > 1e-3
 
 
 @pytest.mark.parametrize("ld_alpha", [None, 0.5])

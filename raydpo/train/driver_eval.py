@@ -3,7 +3,6 @@ training workers' own batch, loss and metric code (`loop.evaluate`, `loop.dpo_st
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Optional
@@ -12,12 +11,11 @@ import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
-from raydpo.logprobs import shares_prompt_safely
 from raydpo.reference import InWorkerReference, PeftBaseReference
 from raydpo.reference.peft_base import REF_ADAPTER, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
-from raydpo.train.loop import continued_adapter, evaluate, load_model, load_policy
+from raydpo.train.loop import continued_adapter, evaluate, fit_to_model, load_model, load_policy
 
 
 def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,
@@ -40,8 +38,7 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
         if config.sync_ref_model:
             path = checkpoint.saved_reference(checkpoint_dir) or path
         reference = InWorkerReference(load_model(path, config).to(device), {})
-    if config.share_prompt and not shares_prompt_safely(policy):
-        config = dataclasses.replace(config, share_prompt=False)
+    config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
     loop_config = {"tokenizer": processing_class, "pad_token_id": text_tokenizer(processing_class).pad_token_id}
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)

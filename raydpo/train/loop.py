@@ -22,8 +22,8 @@ import torch
 from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order, row_length, token_counts
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
-from raydpo.losses import dpo_loss, rewards
+from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely, text_config
+from raydpo.losses import dpo_loss, rewards, router_aux_loss_coef
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
 from raydpo.reference.peft_base import (REF_ADAPTER, adapter_base, add_reference_adapter, is_adapter_dir,
                                        is_peft_model, reference_model_path)
@@ -114,14 +114,31 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     return InWorkerReference(load_model(path, config), ds_config)
 
 
+def fit_to_model(config: DPOConfig, model) -> DPOConfig:
+    """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
+    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
+    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
+    TRL computes over the two-sequence layout's tokens)."""
+    coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
+    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
+    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
+        return config
+    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
+
+
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):
-    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected)."""
+    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected).
+    `config` is fitted to the model (`fit_to_model`): a router_aux_loss_coef other than 0 (or None) adds
+    that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it as aux_loss."""
     batch = {name: value.to(engine.device) for name, value in batch.items()}  # collate builds it on the CPU
     if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
         batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
-    policy = model_completion_stats(engine, batch, wpo=config.use_weighting)
+    aux_coef = config.router_aux_loss_coef or 0.0
+    policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
     logps = pair_logps(policy, reference.logps(batch), batch["completion_mask"], config.use_weighting)
     loss = dpo_loss(logps, config)
+    if policy.aux_loss is not None:
+        loss = loss + aux_coef * policy.aux_loss
     chosen_rewards, rejected_rewards = rewards(logps, config.beta)
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
@@ -197,8 +214,7 @@ def train_loop_per_worker(loop_config: dict):
     reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
-    if config.share_prompt and not shares_prompt_safely(engine):
-        config = dataclasses.replace(config, share_prompt=False)
+    config = fit_to_model(config, engine)
 
     step, window, state = 0, MetricsWindow(), {}
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run

@@ -176,6 +176,16 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
 
 
+def _check_router_aux_loss(model: str, config: DPOConfig):
+    from transformers import AutoConfig
+
+    from raydpo.losses import router_aux_loss_coef
+
+    path = adapter_base(model) if is_adapter_dir(model) else model
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    router_aux_loss_coef(model_config.get_text_config(), config.router_aux_loss_coef)
+
+
 def _absolute(path: Optional[str]) -> Optional[str]:
     if path is None or "://" in path:
         return path
@@ -215,6 +225,8 @@ class DPOTrainer:
             raise ValueError("sync_ref_model (TR-DPO) cannot be combined with PEFT: the reference is inside the "
                              "policy (its base, or a frozen copy of a continued adapter), so there is no separate "
                              "reference to update")
+        if self.args.router_aux_loss_coef:  # as TRL, a coefficient for a model that is not MoE fails, here at once
+            _check_router_aux_loss(self.model, self.args)
         if peft_config is not None and is_adapter_dir(self.model):
             raise ValueError(f"model {self.model!r} is a PEFT adapter folder, which training continues; "
                              "pass peft_config=None (or the base model to start a new adapter)")
