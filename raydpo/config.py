@@ -224,7 +224,8 @@ class DPOConfig:
         self._check_loss_options()
         if self.router_aux_loss_coef is not None and (isinstance(self.router_aux_loss_coef, bool)
                                                       or not isinstance(self.router_aux_loss_coef, (int, float))):
-            raise ValueError(f"DPOConfig.router_aux_loss_coef must be a number or None, got {self.router_aux_loss_coef!r}")
+            raise ValueError(f"DPOConfig.router_aux_loss_coef must be a number or None, "
+                             f"got {self.router_aux_loss_coef!r}")
         self._check_reference_options()
         self._check_eval_options()
         if self.max_failures < -1:

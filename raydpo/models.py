@@ -109,7 +109,8 @@ def build_tiny_model(directory: str, texts: list, hidden: int = 64, layers: int 
                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id)
     if experts:
-        config, model_class = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **shape), MixtralForCausalLM
+        config, model_class = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **shape), \
+            MixtralForCausalLM
     else:
         config, model_class = LlamaConfig(**shape), LlamaForCausalLM
     torch.manual_seed(seed)

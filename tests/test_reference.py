@@ -63,7 +63,8 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
     from raydpo.train.loop import continued_adapter
 
     adapter = str(tmp_path / "adapter")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora(init_lora_weights=False)).save_pretrained(adapter)
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora(init_lora_weights=False))
+    trained.save_pretrained(adapter)
     assert continued_adapter(adapter, None) == adapter and continued_adapter(adapter, tiny_model) is None
     assert continued_adapter(tiny_model, None) is None
     rows, pad = tokenized_rows(tiny_model, parity_rows[:6])

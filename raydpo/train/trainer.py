@@ -96,8 +96,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
 
     ref_model=None with PEFT: the reference is the base with adapters disabled (peft_config), or a
-    frozen copy of the adapter being continued (an adapter folder as model), as in TRL. precompute_ref_log_probs: an actor pool adds the reference columns first
-    (to the eval split too); stream_ref_log_probs: the pool scores them beside the training workers.
+    frozen copy of the adapter being continued (an adapter folder as model), as in TRL.
+    precompute_ref_log_probs: an actor pool adds the reference columns first (to the eval split too);
+    stream_ref_log_probs: the pool scores them beside the training workers.
     With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
