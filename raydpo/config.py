@@ -147,6 +147,11 @@ class DPOConfig:
     # from_pretrained's keyword arguments (also as JSON text). "dtype" (or transformers 4's "torch_dtype") may
     # name a torch dtype, e.g. "bfloat16", or be "auto"; the default is float32.
     model_init_kwargs: Optional[Union[dict, str]] = None
+    # Mixture-of-Experts models (TRL's field and rule): the weight of the router's load-balancing loss
+    # added to the DPO loss, and logged as aux_loss. None: the model config's own router_aux_loss_coef
+    # (e.g. Mixtral's 0.001); 0.0 turns it off. Only for a model whose config has output_router_logits;
+    # setting it for another model is an error. With it, batches use the two-sequence layout.
+    router_aux_loss_coef: Optional[float] = None
     disable_dropout: bool = True
     gradient_checkpointing: bool = False
     # Reference-model options of TRL. sync_ref_model (TR-DPO): every ref_model_sync_steps the in-worker
@@ -236,6 +241,10 @@ class DPOConfig:
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"DPOConfig.max_length must be None or >= 2, got {self.max_length!r}")
         self._check_loss_options()
+        if self.router_aux_loss_coef is not None and (isinstance(self.router_aux_loss_coef, bool)
+                                                      or not isinstance(self.router_aux_loss_coef, (int, float))):
+            raise ValueError(f"DPOConfig.router_aux_loss_coef must be a number or None, "
+                             f"got {self.router_aux_loss_coef!r}")
         self._check_reference_options()
         self._check_eval_options()
         if self.max_failures < -1:

@@ -88,6 +88,7 @@ class CompletionStats:
     mean_logits: Optional[torch.Tensor] = None  # sum of vocabulary-mean logits (detached)
     correct: Optional[torch.Tensor] = None  # tokens whose argmax is the label (detached)
     wpo: Optional[torch.Tensor] = None  # sum of log p_t - log sum_v p_v^2 (detached)
+    aux_loss: Optional[torch.Tensor] = None  # an MoE model's load-balancing loss for the whole batch (a scalar)
 
 
 def completion_stats(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -126,19 +127,25 @@ def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not o
         return False
 
 
-def _completion_view(model, batch: dict):
-    """(logits, input_ids, completion_mask, weights) in `collate`'s [2B, ...] per-side layout, where
-    logits[:, t] scores input_ids[:, t + 1]. Two ways to get there, both skipping logits no token needs:
+def _completion_view(model, batch: dict, router_logits: bool = False):
+    """(logits, input_ids, completion_mask, weights, aux_loss) in `collate`'s [2B, ...] per-side layout,
+    where logits[:, t] scores input_ids[:, t + 1]. Two ways to get there, both skipping logits no token needs:
 
     - standard batches: the LM head runs only from the first position any sequence scores (the
       prompt part is never scored; the head is most of a small model's FLOPs and a [N, T, V] tensor);
       a vision batch's pixel values ("image:" keys) go to the same forward;
     - shared-prompt batches (`collate_shared_prompt`): the body runs once per pair, and the head only
       on the hidden states that predict a completion token, gathered into the per-side layout.
+
+    router_logits: an MoE model also returns its load-balancing loss (`output_router_logits=True`, as
+    TRL asks for it) over the batch's attention mask; aux_loss is None otherwise. Standard batches only:
+    a shared-prompt batch routes other tokens than TRL's layout does.
     """
     if "gather_index" in batch:
+        if router_logits:
+            raise ValueError("an MoE load-balancing loss needs the two-sequence layout (share_prompt=False)")
         return _shared_prompt_logits(model, batch), batch["side_input_ids"], batch["side_completion_mask"], \
-            batch.get("logp_weights")
+            batch.get("logp_weights"), None
     input_ids, completion_mask, weights = batch["input_ids"], batch["completion_mask"], batch.get("logp_weights")
     scored = completion_mask[:, 1:].any(0)
     first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
@@ -148,9 +155,14 @@ def _completion_view(model, batch: dict):
         kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
     else:
         first = 0
-    logits = model(**kwargs).logits
+    if router_logits:
+        kwargs["output_router_logits"] = True
+    outputs = model(**kwargs)
+    aux_loss = None
+    if router_logits:  # a tensor, or 0 when the model returned no router logits
+        aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=outputs.logits.device)
     cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
-    return logits, cut(input_ids), cut(completion_mask), cut(weights)
+    return outputs.logits, cut(input_ids), cut(completion_mask), cut(weights), aux_loss
 
 
 def _unwrapped(model):
@@ -175,6 +187,11 @@ def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
     return inner.get_output_embeddings()(picked)
 
 
+def text_config(model):
+    """The config of the language model inside `model` (a DeepSpeed engine, a PeftModel, a vision model)."""
+    return _unwrapped(model).config.get_text_config()
+
+
 def shares_prompt_safely(model) -> bool:
     """The shared-prompt path applies the LM head itself: only for models whose logits are exactly
     lm_head(final hidden state) and that take logits_to_keep (no soft-capping or logit scaling)."""
@@ -190,14 +207,17 @@ def model_completion_logps(model, batch: dict) -> torch.Tensor:
 
     A batch may carry `logp_weights` (see `ld_weights`); the reference must use the same weights as
     the policy, and reads them from the batch."""
-    logits, input_ids, completion_mask, weights = _completion_view(model, batch)
+    logits, input_ids, completion_mask, weights, _ = _completion_view(model, batch)
     return completion_logps(logits, input_ids, completion_mask, weights=weights)
 
 
-def model_completion_stats(model, batch: dict, wpo: bool = False) -> CompletionStats:
-    """The policy's forward: sequence log-probs and the token metrics, in one chunked pass."""
-    logits, input_ids, completion_mask, weights = _completion_view(model, batch)
-    return completion_stats(logits, input_ids, completion_mask, weights=weights, metrics=True, wpo=wpo)
+def model_completion_stats(model, batch: dict, wpo: bool = False, router_logits: bool = False) -> CompletionStats:
+    """The policy's forward: sequence log-probs and the token metrics, in one chunked pass (and with
+    router_logits an MoE model's load-balancing loss)."""
+    logits, input_ids, completion_mask, weights, aux_loss = _completion_view(model, batch, router_logits)
+    stats = completion_stats(logits, input_ids, completion_mask, weights=weights, metrics=True, wpo=wpo)
+    stats.aux_loss = aux_loss
+    return stats
 
 
 def ld_weights(completion_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:

@@ -217,3 +217,18 @@ def dpo_loss(x: PairLogps, args) -> torch.Tensor:
 def rewards(x: PairLogps, beta: float):
     """Implicit rewards beta * log(pi/pi_ref) for chosen and rejected, detached (f-divergence or not)."""
     return beta * x.chosen_logratios.detach(), beta * x.rejected_logratios.detach()
+
+
+def router_aux_loss_coef(text_config, coef: Optional[float]) -> float:
+    """The weight of an MoE model's load-balancing loss in the DPO loss, as TRL 1.16 decides it: only for a
+    model whose (text) config has `output_router_logits` (a Mixture-of-Experts model that can return its
+    router logits); `coef` (DPOConfig.router_aux_loss_coef), or when None the config's own
+    router_aux_loss_coef. 0.0: no auxiliary loss. A coef set for a model that is not MoE is an error."""
+    moe = hasattr(text_config, "output_router_logits")
+    if coef and not moe:
+        raise ValueError(f"DPOConfig.router_aux_loss_coef is {coef} but the model ({type(text_config).__name__}) is "
+                         "not a Mixture-of-Experts model that returns its router logits: there is no auxiliary "
+                         "loss to weight")
+    if not moe:
+        return 0.0
+    return float(getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef)

@@ -86,13 +86,15 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_model(directory: str, texts: list, hidden: int = 64, layers: int = 2, seed: int = 0) -> str:
+def build_tiny_model(directory: str, texts: list, hidden: int = 64, layers: int = 2, seed: int = 0,
+                     experts: int = 0) -> str:
     """Save a randomly initialised tiny Llama and a word-level tokenizer trained on `texts` (BOS
     added, EOS special, a ChatML chat template) to `directory`: for tests, `--tiny` experiments and
-    benchmarks, with nothing downloaded."""
+    benchmarks, with nothing downloaded. experts > 0: a tiny Mixtral (Mixture-of-Experts, top-2 routing
+    over that many experts) instead of the Llama."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -102,12 +104,17 @@ def build_tiny_model(directory: str, texts: list, hidden: int = 64, layers: int 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>", additional_special_tokens=specials[4:])
     tokenizer.chat_template = CHATML_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    if experts:
+        config, model_class = MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **shape), \
+            MixtralForCausalLM
+    else:
+        config, model_class = LlamaConfig(**shape), LlamaForCausalLM
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model_class(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 

@@ -8,6 +8,9 @@ path around it is checked against this same step elsewhere (test_losses_e2e, tes
 reference is a second model with other weights, so the rewards are not all zero.
 """
 
+import math
+import os
+
 import pytest
 import torch
 
@@ -150,3 +153,141 @@ def test_steps_match_trl_with_trainer_arguments(ray_session, tiny_model, referen
     assert all(h["grad_norm"] > MULTI_STEP["max_grad_norm"] for h in theirs)  # clipping was active
     rates = [h["learning_rate"] for h in theirs]  # warmup ceil(0.34 * 5) = 2 steps, then down to 10%
     assert rates[0] == 0.0 and rates[1] == pytest.approx(5e-3) and rates[2] == pytest.approx(1e-2)
+
+
+# --- PEFT: continuing a saved adapter (issue 16) ---
+
+PEFT_STEPS = dict(learning_rate=1e-2, max_steps=2, logging_steps=1, max_length=32, seed=0)
+PEFT_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "grad_norm"]
+
+
+def test_continued_adapter_matches_trl(ray_session, tiny_model, parity_rows, tmp_path):
+    """A PeftModel holding a saved (non-identity) LoRA adapter, continued with ref_model=None: TRL's reference
+    is a frozen copy of that adapter ("ref"), not the base. raydpo (the object shipped as its adapter folder,
+    2 workers, ZeRO-3, where the "ref" adapter is sharded with the rest) and TRL (one process, the same global
+    batch) log the same two steps: at step 1 the policy is its reference (zero rewards; the base as reference
+    would not give that), at step 2 the adapter has moved away from it."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from raydpo import DPOTrainer
+
+    adapter = str(tmp_path / "adapter")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
+                      init_lora_weights=False, task_type="CAUSAL_LM")  # random B: the adapter is not the base
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora).save_pretrained(adapter)
+
+    def continued():
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter, is_trainable=True)
+
+    rows = parity_rows[:8]  # one global batch: 2 workers x 4 pairs = TRL's 8
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, report_to="none",
+                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, **PEFT_STEPS)
+    trl = TRLTrainer(model=continued(), args=args, train_dataset=Dataset.from_list(rows),
+                     processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    assert "ref" in trl.model.peft_config  # TRL's frozen copy of the loaded adapter
+    trl.train()
+    theirs = [h for h in trl.state.log_history if "loss" in h]
+
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=2, zero_stage=3, per_device_train_batch_size=4,
+                       report_to="none", **PEFT_STEPS)  # the last step is saved
+    out = DPOTrainer(continued(), args=config, train_dataset=rows).train()
+    ours = [h for h in out.history if "loss" in h]
+    print({"trl": theirs, "raydpo": ours})
+
+    assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2]
+    for step, (mine, trl_step) in enumerate(zip(ours, theirs), start=1):
+        for name in PEFT_METRICS:
+            assert mine[name] == pytest.approx(trl_step[name], rel=1e-4, abs=1e-6), (step, name)
+    assert theirs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is its reference
+    assert abs(theirs[1]["rewards/margins"]) > 1e-3  # step 2: it has moved from it
+    saved = os.path.join(out.checkpoint, "model")  # the trained adapter alone, not its frozen "ref" copy
+    assert os.path.isfile(os.path.join(saved, "adapter_config.json")) and not os.path.exists(os.path.join(saved, "ref"))
+
+
+# --- Mixture-of-Experts: the router's load-balancing loss (issue 16) ---
+
+MOE_STEPS = dict(learning_rate=1e-2, max_steps=2, logging_steps=1, max_length=32, seed=0, router_aux_loss_coef=0.1,
+                 eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+MOE_METRICS = ["loss", "aux_loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_model(parity_rows, tmp_path_factory):
+    """A tiny Mixtral (4 experts, top-2) with the tiny model's tokenizer."""
+    from raydpo.models import build_tiny_model
+
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in parity_rows] + ["0 1 2 3 4 5 6 7 8 9 even odd"]
+    return build_tiny_model(tmp_path_factory.mktemp("moe"), texts, experts=4)
+
+
+def test_router_aux_loss_coef_follows_trl(tiny_model, tiny_moe_model, parity_rows):
+    """TRL's rule: the field, else the MoE config's own coefficient; nothing for a model that is not MoE (an
+    error when the field is set, raised by DPOTrainer before any worker starts); batches of an MoE run with
+    an auxiliary loss use the two-sequence layout."""
+    from transformers import AutoConfig
+
+    from raydpo import DPOTrainer
+    from raydpo.losses import router_aux_loss_coef
+    from raydpo.train.loop import fit_to_model
+
+    moe, dense = AutoConfig.from_pretrained(tiny_moe_model), AutoConfig.from_pretrained(tiny_model)
+    assert router_aux_loss_coef(moe, None) == moe.router_aux_loss_coef == 0.001  # Mixtral's default
+    assert router_aux_loss_coef(moe, 0.0) == 0.0 and router_aux_loss_coef(moe, 0.3) == 0.3
+    assert router_aux_loss_coef(dense, None) == 0.0 and router_aux_loss_coef(dense, 0.0) == 0.0
+    with pytest.raises(ValueError, match="router_aux_loss_coef is 0.3 but .* not a Mixture-of-Experts"):
+        router_aux_loss_coef(dense, 0.3)
+    with pytest.raises(ValueError, match="not a Mixture-of-Experts"):
+        DPOTrainer(tiny_model, args=DPOConfig(router_aux_loss_coef=0.3), train_dataset=parity_rows[:4])
+    with pytest.raises(ValueError, match="must be a number or None"):
+        DPOConfig(router_aux_loss_coef="0.1")
+    moe_model, dense_model = load_model(tiny_moe_model, DPOConfig()), load_model(tiny_model, DPOConfig())
+    fitted = fit_to_model(DPOConfig(), moe_model)
+    assert (fitted.router_aux_loss_coef, fitted.share_prompt) == (0.001, False)
+    assert fit_to_model(DPOConfig(router_aux_loss_coef=0.0), moe_model).share_prompt  # no aux loss: shared again
+    fitted = fit_to_model(DPOConfig(), dense_model)
+    assert (fitted.router_aux_loss_coef, fitted.share_prompt) == (0.0, True)
+
+
+def test_moe_aux_loss_matches_trl(ray_session, tiny_moe_model, parity_rows, tmp_path):
+    """An MoE policy with router_aux_loss_coef=0.1: the loss is DPO's plus 0.1 * the router's load-balancing
+    loss, logged as aux_loss (and eval_aux_loss), and its gradient trains the router. raydpo (one worker: the
+    loss is not linear in the batch, so TRL's single process is matched by one worker; ZeRO-3) and TRL log
+    the same two steps and evaluation (1e-4)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from raydpo import DPOTrainer
+
+    rows, eval_rows = parity_rows[:8], parity_rows[8:12]
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, report_to="none",
+                     save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True, **MOE_STEPS)
+    trl = TRLTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_moe_model), args=args,
+                     train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(eval_rows),
+                     processing_class=AutoTokenizer.from_pretrained(tiny_moe_model))
+    trl.train()
+    theirs = [h for h in trl.state.log_history if "loss" in h]
+    their_eval = next(h for h in trl.state.log_history if "eval_loss" in h)
+
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=1, zero_stage=3, per_device_train_batch_size=8,
+                       save_strategy="no", report_to="none", **MOE_STEPS)
+    out = DPOTrainer(tiny_moe_model, args=config, train_dataset=rows, eval_dataset=eval_rows).train()
+    ours = [h for h in out.history if "loss" in h]
+    our_eval = next(h for h in out.history if "eval_loss" in h)
+    print({"trl": theirs, "trl_eval": their_eval, "raydpo": ours, "raydpo_eval": our_eval})
+
+    assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2]
+    for step, (mine, trl_step) in enumerate(zip(ours, theirs), start=1):
+        for name in MOE_METRICS:
+            assert mine[name] == pytest.approx(trl_step[name], rel=1e-4, abs=1e-6), (step, name)
+    for name in ("loss", "aux_loss", "rewards/margins"):
+        assert our_eval[f"eval_{name}"] == pytest.approx(their_eval[f"eval_{name}"], rel=1e-4, abs=1e-6), name
+    assert theirs[0]["aux_loss"] > 1.0  # about top_k = 2 for an evenly balanced router: a real term in the loss
+    assert theirs[0]["loss"] == pytest.approx(math.log(2) + 0.1 * theirs[0]["aux_loss"], rel=1e-6)

@@ -3,7 +3,8 @@ completion log-probs of the frozen reference, chosen rows first. The training lo
 it picks one at build time (train.loop.build_reference) and only calls `logps`.
 
 - InWorkerReference: a separate frozen model in the worker (sharded under ZeRO-3);
-- PeftBaseReference: the PEFT policy with its adapters disabled (no second model);
+- PeftBaseReference: the PEFT policy with its adapters disabled, or with a continued adapter's frozen
+  copy active (no second model);
 - PrecomputedReference: columns computed before training by an actor pool (reference.precompute);
 - StreamedReference: the same columns, computed by the pool while training runs (reference.streamed).
 """

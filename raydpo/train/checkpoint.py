@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from raydpo.reference.peft_base import is_peft_model
 from raydpo.train.deepspeed import zero_stage
 
 DS_TAG = "deepspeed"
@@ -85,6 +86,9 @@ def export_model(engine, directory: str, rank: int, ds_config: dict, tokenizer):
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
-        engine.module.save_pretrained(directory, state_dict=state_dict)
+        module = engine.module
+        # PEFT: the trained adapter only, not a continued adapter's frozen "ref" copy beside it
+        adapters = {"selected_adapters": [module.active_adapter]} if is_peft_model(module) else {}
+        module.save_pretrained(directory, state_dict=state_dict, **adapters)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

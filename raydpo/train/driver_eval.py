@@ -3,7 +3,6 @@ training workers' own batch, loss and metric code (`loop.evaluate`, `loop.dpo_st
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Optional
@@ -12,34 +11,34 @@ import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
-from raydpo.logprobs import shares_prompt_safely
 from raydpo.reference import InWorkerReference, PeftBaseReference
-from raydpo.reference.peft_base import is_peft_model, reference_model_path
+from raydpo.reference.peft_base import REF_ADAPTER, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
-from raydpo.train.loop import evaluate, load_model, load_policy
+from raydpo.train.loop import continued_adapter, evaluate, fit_to_model, load_model, load_policy
 
 
 def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,
                     checkpoint_dir: Optional[str] = None) -> dict:
     """eval_<metric> of the checkpoint's policy (its model/ folder), or without one of the initial policy
-    (`model`, with a fresh adapter under peft_config), against the run's reference: ref_model, else the
-    PEFT base with adapters disabled, else the initial model (TR-DPO: the checkpoint's moved reference)."""
+    (`model`, with a fresh adapter under peft_config), against the run's reference: ref_model, else with
+    PEFT the continued adapter's frozen copy or the base with adapters disabled, else the initial model
+    (TR-DPO: the checkpoint's moved reference)."""
+    reference_adapter = continued_adapter(model, ref_model)  # the adapter `model` as it was before training
     if checkpoint_dir is not None:
-        policy = load_policy(os.path.join(checkpoint_dir, MODEL_DIR), config)
+        policy = load_policy(os.path.join(checkpoint_dir, MODEL_DIR), config, reference_adapter=reference_adapter)
     else:
-        policy = load_policy(model, config, peft_config)
+        policy = load_policy(model, config, peft_config, reference_adapter)
     device = torch.device("cuda") if config.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     policy.to(device)
     if ref_model is None and is_peft_model(policy):
-        reference = PeftBaseReference(policy)
+        reference = PeftBaseReference(policy, REF_ADAPTER if reference_adapter else None)
     else:
         path = reference_model_path(model, ref_model)
         if config.sync_ref_model:
             path = checkpoint.saved_reference(checkpoint_dir) or path
         reference = InWorkerReference(load_model(path, config).to(device), {})
-    if config.share_prompt and not shares_prompt_safely(policy):
-        config = dataclasses.replace(config, share_prompt=False)
+    config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
     loop_config = {"tokenizer": processing_class, "pad_token_id": text_tokenizer(processing_class).pad_token_id}
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import ray
 import ray.train
@@ -21,10 +22,11 @@ import torch
 from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order, row_length, token_counts
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely
-from raydpo.losses import dpo_loss, rewards
+from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely, text_config
+from raydpo.losses import dpo_loss, rewards, router_aux_loss_coef
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
-from raydpo.reference.peft_base import adapter_base, is_adapter_dir, is_peft_model, reference_model_path
+from raydpo.reference.peft_base import (REF_ADAPTER, adapter_base, add_reference_adapter, is_adapter_dir,
+                                       is_peft_model, reference_model_path)
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
@@ -43,27 +45,46 @@ def model_init_kwargs(config: DPOConfig) -> dict:
 
 
 def load_model(path: str, config: DPOConfig):
-    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL."""
+    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL.
+    A PEFT adapter folder gives that adapter, frozen, on its base (a continued adapter's reference)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        return _prepare(PeftModel.from_pretrained(load_model(adapter_base(path), config), path), config)
     kwargs = model_init_kwargs(config)
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
     vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if config.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        _disable_dropout(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
 
 
-def load_policy(path: str, config: DPOConfig, peft_config=None):
+def _disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _prepare(peft_model, config: DPOConfig):
+    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
+        _disable_dropout(peft_model)
+    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def load_policy(path: str, config: DPOConfig, peft_config=None, reference_adapter: Optional[str] = None):
     """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
-    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue."""
+    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue.
+    `reference_adapter`: an adapter folder loaded beside the trained adapter, frozen, as "ref" (the
+    reference of a continued adapter, as TRL's; `PeftBaseReference(policy, REF_ADAPTER)` uses it)."""
     if is_adapter_dir(path):
         from peft import PeftModel
 
@@ -74,13 +95,17 @@ def load_policy(path: str, config: DPOConfig, peft_config=None):
         model = get_peft_model(load_model(path, config), peft_config)
     else:
         return load_model(path, config)
-    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
-        model.enable_input_require_grads()
-    return model
+    if reference_adapter is not None:
+        training = model.training
+        add_reference_adapter(model, reference_adapter)
+        model.train(training)  # load_adapter puts the whole model in eval mode
+    return _prepare(model, config)
+
+
+def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
+    """The adapter folder whose frozen copy is the reference: `model` when it is an adapter folder being
+    continued with no ref_model (TRL's "ref" adapter), else None."""
+    return model if ref_model is None and is_adapter_dir(model) else None
 
 
 def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
@@ -91,21 +116,40 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
         return StreamedReference(loop_config["reference_pool"], config.stream_ref_prefetch_batches)
     if loop_config.get("ref_model") is None and is_peft_model(engine.module):
-        return PeftBaseReference(engine.module)  # the base with adapters disabled: no second model
+        # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
+        adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
+        return PeftBaseReference(engine.module, adapter)
     path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
     return InWorkerReference(load_model(path, config), ds_config)
 
 
+def fit_to_model(config: DPOConfig, model) -> DPOConfig:
+    """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
+    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
+    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
+    TRL computes over the two-sequence layout's tokens)."""
+    coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
+    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
+    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
+        return config
+    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
+
+
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):
-    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected)."""
+    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected).
+    `config` is fitted to the model (`fit_to_model`): a router_aux_loss_coef other than 0 (or None) adds
+    that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it as aux_loss."""
     batch = {name: value.to(engine.device) for name, value in batch.items()}  # collate builds it on the CPU
     if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
         batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
-    policy = model_completion_stats(engine, batch, wpo=config.use_weighting)
+    aux_coef = config.router_aux_loss_coef or 0.0
+    policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
     logps = pair_logps(policy, reference.logps(batch), batch["completion_mask"], config.use_weighting)
     loss = dpo_loss(logps, config)
+    if policy.aux_loss is not None:
+        loss = loss + aux_coef * policy.aux_loss
     chosen_rewards, rejected_rewards = rewards(logps, config.beta)
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
@@ -177,10 +221,11 @@ def train_loop_per_worker(loop_config: dict):
     lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
 
     ds_config = build_deepspeed_config(config, world_size)
-    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"))
+    in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
+    reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
+    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
-    if config.share_prompt and not shares_prompt_safely(engine):
-        config = dataclasses.replace(config, share_prompt=False)
+    config = fit_to_model(config, engine)
 
     step, window, state = 0, MetricsWindow(), {}
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run

@@ -16,6 +16,9 @@ import torch.distributed as dist
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
 TOKEN_METRICS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
+# Logged only when the model has them: an MoE model's load-balancing loss, a (value, 1) row per micro-batch,
+# so the window logs TRL's mean over micro-batches of the mean over workers.
+OPTIONAL_METRICS = ("aux_loss",)
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
@@ -33,15 +36,19 @@ def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
 def token_metrics(policy) -> dict:
     """(sum, count) per token metric for one micro-batch, from the policy's `CompletionStats` [2B].
 
-    entropy covers chosen and rejected completion tokens; token accuracy only chosen ones."""
+    entropy covers chosen and rejected completion tokens; token accuracy only chosen ones. An MoE
+    policy's aux_loss (with router_aux_loss_coef) is one (value, 1) row."""
     half = policy.tokens.shape[0] // 2
     tokens_chosen, tokens_rejected = policy.tokens[:half].sum(), policy.tokens[half:].sum()
-    return {
+    metrics = {
         "entropy": (policy.entropy.sum(), policy.tokens.sum()),
         "mean_token_accuracy": (policy.correct[:half].sum(), tokens_chosen),
         "logits/chosen": (policy.mean_logits[:half].sum(), tokens_chosen),
         "logits/rejected": (policy.mean_logits[half:].sum(), tokens_rejected),
     }
+    if policy.aux_loss is not None:
+        metrics["aux_loss"] = (policy.aux_loss.detach().reshape(()), torch.ones((), device=policy.aux_loss.device))
+    return metrics
 
 
 class MetricsWindow:
@@ -55,6 +62,7 @@ class MetricsWindow:
     def __init__(self):
         self.total_tokens = 0.0
         self.device = torch.device("cpu")
+        self.ratio_names = TOKEN_METRICS  # and the OPTIONAL_METRICS the model has, from the first micro-batch
         self._reset()
 
     def _reset(self):
@@ -74,10 +82,11 @@ class MetricsWindow:
         self.filled += filled
         self.device = loss.device  # NCCL all-reduces only device tensors
         self.pairs += len(per_pair["rewards/chosen"])
+        self.ratio_names = TOKEN_METRICS + tuple(name for name in OPTIONAL_METRICS if name in per_token)
         # One device-to-host copy per micro-batch.
         values = torch.stack([loss.detach().float().reshape(())]
                              + [per_pair[name].float().sum() for name in PAIR_METRICS]
-                             + [v.float() for name in TOKEN_METRICS for v in per_token[name]]).tolist()
+                             + [v.float() for name in self.ratio_names for v in per_token[name]]).tolist()
         self.sums["loss"] += values[0]
         for name, value in zip(PAIR_METRICS, values[1:]):
             self.sums[name] += value
@@ -87,27 +96,27 @@ class MetricsWindow:
     def add_padding(self):
         """A forward that counts for nothing (an eval worker with fewer rows than the others): it keeps
         the per-micro-batch token rows lined up across workers."""
-        self.token_rows.append([0.0] * 2 * len(TOKEN_METRICS))
+        self.token_rows.append([0.0] * 2 * len(self.ratio_names))
 
     def reduce(self) -> dict:
-        names = ["loss", *PAIR_METRICS]
-        flat = [self.sums[n] for n in names] + [self.pairs, self.micro_batches, self.tokens, self.filled,
-                                                self.positions]
-        rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(TOKEN_METRICS))
+        flat = [self.sums[n] for n in ("loss", *PAIR_METRICS)] + [self.pairs, self.micro_batches, self.tokens,
+                                                                  self.filled, self.positions]
+        names = self.ratio_names  # the same on every worker: they train the same model
+        rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(names))
         values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
         if dist.is_available() and dist.is_initialized():
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
         *sums, pairs, micro_batches, tokens, filled, positions = values[:len(flat)].tolist()
-        rows = values[len(flat):].reshape(-1, len(TOKEN_METRICS), 2)
+        rows = values[len(flat):].reshape(-1, len(names), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
         out.update({name: total / max(pairs, 1) for name, total in zip(PAIR_METRICS, sums[1:])})
         # Per micro-batch ratio over all workers (0 without tokens, as TRL), then the window mean.
         ratios = torch.where(rows[..., 1] > 0, rows[..., 0] / rows[..., 1].clamp(min=1), torch.zeros(()))
-        means = ratios.mean(0).tolist() if len(ratios) else [0.0] * len(TOKEN_METRICS)
-        out.update(zip(TOKEN_METRICS, means))
+        means = ratios.mean(0).tolist() if len(ratios) else [0.0] * len(names)
+        out.update(zip(names, means))
         out["num_tokens"] = self.total_tokens
         out["padding_fraction"] = 1.0 - filled / positions if positions else 0.0  # a raydpo extra
         self._reset()

@@ -52,7 +52,7 @@ def save_model_object(model, directory: str, role: str) -> str:
     if is_peft_model(model):
         if role == "ref_model":
             raise TypeError("ref_model is a peft.PeftModel: pass a plain model (e.g. its merge_and_unload()) or "
-                            "ref_model=None, whose reference for a PEFT policy is the base with adapters disabled")
+                            "ref_model=None, whose reference for a continued adapter is a frozen copy of that adapter")
         adapter = model.active_adapter
         base = model.peft_config[adapter].base_model_name_or_path
         if not base:

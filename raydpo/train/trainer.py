@@ -95,9 +95,10 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         callbacks=(), peft_config=None, eval_data=None, handler: Optional[CallbackHandler] = None) -> TrainOutput:
     """One Ray Train run over already tokenized data. DPOTrainer.train() and each sweep trial call this.
 
-    ref_model=None with PEFT (peft_config, or an adapter folder as model): the reference is the base
-    with adapters disabled. precompute_ref_log_probs: an actor pool adds the reference columns first
-    (to the eval split too); stream_ref_log_probs: the pool scores them beside the training workers.
+    ref_model=None with PEFT: the reference is the base with adapters disabled (peft_config), or a
+    frozen copy of the adapter being continued (an adapter folder as model), as in TRL.
+    precompute_ref_log_probs: an actor pool adds the reference columns first (to the eval split too);
+    stream_ref_log_probs: the pool scores them beside the training workers.
     With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
@@ -176,6 +177,16 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
 
 
+def _check_router_aux_loss(model: str, config: DPOConfig):
+    from transformers import AutoConfig
+
+    from raydpo.losses import router_aux_loss_coef
+
+    path = adapter_base(model) if is_adapter_dir(model) else model
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    router_aux_loss_coef(model_config.get_text_config(), config.router_aux_loss_coef)
+
+
 def _absolute(path: Optional[str]) -> Optional[str]:
     if path is None or "://" in path:
         return path
@@ -217,13 +228,17 @@ class DPOTrainer:
         # PEFT (peft_config, or a saved adapter folder as model): a new adapter, or that one continued
         self.peft_config = peft_config
         peft = peft_config is not None or is_adapter_dir(self.model)
-        if peft and self.args.sync_ref_model:  # as TRL: the reference is the base inside the PEFT model
-            raise ValueError("sync_ref_model (TR-DPO) cannot be combined with PEFT: the reference is the policy's "
-                             "base with adapters disabled, so there is no separate reference to update")
+        if peft and self.args.sync_ref_model:  # as TRL: the reference lives inside the PEFT model
+            raise ValueError("sync_ref_model (TR-DPO) cannot be combined with PEFT: the reference is inside the "
+                             "policy (its base, or a frozen copy of a continued adapter), so there is no separate "
+                             "reference to update")
+        if self.args.router_aux_loss_coef:  # as TRL, a coefficient for a model that is not MoE fails, here at once
+            _check_router_aux_loss(self.model, self.args)
         if peft_config is not None and is_adapter_dir(self.model):
             raise ValueError(f"model {self.model!r} is a PEFT adapter folder, which training continues; "
                              "pass peft_config=None (or the base model to start a new adapter)")
-        # ref_model=None: a frozen copy of the initial policy, or with PEFT the base with adapters disabled
+        # ref_model=None: a frozen copy of the initial policy; with PEFT, inside the policy (the base with adapters
+        # disabled, or a continued adapter's frozen "ref" copy)
         self.ref_model = os.fspath(ref_model) if ref_model is not None else (None if peft else self.model)
         if processing_class is None and model_object:  # as TRL: the tokenizer of what the object was loaded from
             if self.model_name is None:
