@@ -40,174 +40,272 @@ MODEL_DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half", "floa
 
 @dataclass
 class DPOConfig:
+    # Each field's help is its metadata["help"] (HfArgumentParser shows it for `raydpo train -h`);
+    # docs/configuration.md is generated from it (`python -m raydpo.config_docs`). The "# --- ... ---"
+    # lines name the sections of that page.
+
     # --- where outputs go (TRL / transformers names) ---
-    output_dir: str = "outputs/raydpo"
-    run_name: Optional[str] = None
-    # Where logged metrics go: "tensorboard", "mlflow", "wandb" (a list, "all" or "none"); train/trackers.py.
-    # (None first: an HfArgumentParser flag then takes one name, keeping the default, as TRL's does.)
-    report_to: Union[None, str, List[str]] = "tensorboard"
-    # transformers' TrainingArguments.resume_from_checkpoint: as there, the Trainer does not read it; a
-    # script passes it to train(resume_from_checkpoint=...), as TRL's dpo.py and `raydpo train` do.
-    resume_from_checkpoint: Optional[str] = None
-    # --- the Hugging Face Hub (transformers' names and defaults; README "Uploading to the Hugging Face Hub") ---
-    # push_to_hub: train() uploads the trained model (save_model's folder, with a model card) to
-    # hub_model_id (None: the name of output_dir, in the token's namespace). hub_strategy "every_save" also
-    # uploads each saved checkpoint's model while training runs; "end" only at the end. `raydpo train` and
-    # TRL's scripts push through train() too.
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
-    hub_strategy: str = "every_save"
-    hub_token: Optional[str] = dataclasses.field(default=None, repr=False)  # None: huggingface_hub's own
-    hub_private_repo: Optional[bool] = None  # None: the Hub's default (or the existing repo's visibility)
+    output_dir: str = field(default="outputs/raydpo", metadata={
+        "help": "Checkpoints go to output_dir/<run_name>/checkpoint-<step> (unless storage_path is set)."})
+    run_name: Optional[str] = field(default=None, metadata={
+        "help": "The run's name: its folder under storage_path, and its MLflow / W&B run name. "
+                "None: raydpo-<time>."})
+    # (None first in the Union: an HfArgumentParser flag then takes one name, keeping the default, as TRL's does.)
+    report_to: Union[None, str, List[str]] = field(default="tensorboard", metadata={
+        "help": "Where logged metrics go: \"tensorboard\", \"mlflow\", \"wandb\", a list of them, \"all\" or "
+                "\"none\" (raydpo/train/trackers.py; docs/output.md)."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "transformers' TrainingArguments field: as there, the Trainer does not read it; a script passes "
+                "it to train(resume_from_checkpoint=...), as TRL's dpo.py and `raydpo train` do."})
+
+    # --- the Hugging Face Hub (transformers' names and defaults; docs/output.md) ---
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "train() uploads the trained model (the returned checkpoint's model/ folder, with a model card) "
+                "to hub_model_id when it ends, commit \"End of training\". `raydpo train` and TRL's scripts push "
+                "through train() too."})
+    hub_model_id: Optional[str] = field(default=None, metadata={
+        "help": "The repo; None: the name of output_dir, in the token's namespace (as transformers)."})
+    hub_strategy: str = field(default="every_save", metadata={
+        "help": "\"every_save\": also push each checkpoint's model/ as it is saved (from the driver, commit "
+                "\"Training in progress, step N\"), then the end push; \"end\": only the end push. transformers' "
+                "\"checkpoint\" and \"all_checkpoints\" are refused by name."})
+    hub_token: Optional[str] = field(default=None, repr=False, metadata={
+        "help": "The Hub token; None: huggingface_hub's own (HF_TOKEN or a stored login). Kept out of the model "
+                "card, the trackers' parameters and the config's repr."})
+    hub_private_repo: Optional[bool] = field(default=None, metadata={
+        "help": "A new repo's visibility; None: the Hub's default (or the existing repo's visibility)."})
 
     # --- optimisation ---
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "linear"
-    # Passed to transformers.get_scheduler as scheduler_specific_kwargs, e.g. {"min_lr_rate": 0.1} for
-    # "cosine_with_min_lr" or {"num_decay_steps": 100} for "warmup_stable_decay".
-    lr_scheduler_kwargs: Optional[Union[dict, str]] = None
-    # An int >= 1: steps (a float >= 1 is truncated, as transformers' get_warmup_steps does); a float in
-    # (0, 1): a ratio of the total steps, ceil(ratio * total). 0 falls back to warmup_ratio.
-    warmup_steps: float = 0
-    warmup_ratio: float = 0.0  # transformers 4's name (gone from transformers 5); warmup_steps wins when > 0
-    # transformers' TrainingArguments.optim; "adamw_torch_fused" is its default with torch >= 2.8, so TRL's.
-    # A DeepSpeed config with its own "optimizer" section overrides it (as in transformers' Trainer).
-    optim: str = "adamw_torch_fused"
-    # Biases and LayerNorm/RMSNorm weights are not decayed (transformers' get_decay_parameter_names).
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    seed: int = 42
+    learning_rate: float = field(default=1e-6, metadata={"help": "The peak learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={
+        "help": "The scheduler, from transformers.get_scheduler, called as transformers' Trainer calls it."})
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "Passed to get_scheduler as scheduler_specific_kwargs (a dict, or JSON text): "
+                "{\"min_lr_rate\": 0.1} (or {\"min_lr\": ...}) for cosine_with_min_lr, {\"num_decay_steps\": N} "
+                "for warmup_stable_decay. A value that does not fit the scheduler fails on the driver, before "
+                "any worker starts, with a ValueError naming the field."})
+    warmup_steps: float = field(default=0, metadata={
+        "help": "As in transformers 5: an int >= 1 is a number of steps (a float >= 1 is truncated, as "
+                "get_warmup_steps does), a float in (0, 1) a ratio of the total steps, ceil(ratio * total). "
+                "0 falls back to warmup_ratio."})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "transformers 4's field (transformers 5 dropped it): used when warmup_steps is 0."})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "transformers' TrainingArguments.optim (its default, so TRL's, with torch >= 2.8): one of "
+                "adamw_torch, adamw_torch_fused, sgd, adafactor, built with the class and arguments "
+                "transformers' Trainer picks (Trainer.get_optimizer_cls_and_kwargs) and handed to DeepSpeed "
+                "(train/deepspeed.py); any other name is refused when the config is built. A deepspeed config "
+                "with its own \"optimizer\" section overrides it (as in transformers' Trainer), its \"auto\" "
+                "values filled from this config; with ZeRO-Offload of the optimizer and no such section, the "
+                "AdamW family is DeepSpeed's CPU Adam (same update). adafactor under ZeRO 1-3 sees ZeRO's flat "
+                "partitions, so its factored moments and update clipping differ from an unsharded run (as "
+                "with transformers' Trainer under ZeRO)."})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "Decays every trainable weight except biases and LayerNorm/RMSNorm weights: the two parameter "
+                "groups of transformers' Trainer (Trainer.get_decay_parameter_names)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW's beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW's epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "Gradient clipping; the logged grad_norm is taken before clipping."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Pairs per worker per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-batches per optimizer step."})
+    num_train_epochs: float = field(default=3.0, metadata={
+        "help": "Epochs to train, when max_steps is -1."})
+    max_steps: int = field(default=-1, metadata={
+        "help": "Optimizer steps to train; > 0 overrides num_train_epochs, -1 uses it."})
+    seed: int = field(default=42, metadata={
+        "help": "The run's seed: torch's seed in each worker and each epoch's (length-grouped) shuffle."})
 
     # --- logging and checkpoints ---
-    # logging_steps, save_steps and eval_steps: an int >= 1 is a number of optimizer steps, a float in
-    # (0, 1) a ratio of the total steps, ceil(ratio * total) (transformers' TrainerState.compute_steps).
-    logging_steps: float = 10
-    logging_first_step: bool = False  # also log after step 1
-    # transformers' name and values. What the run prints beside raydpo's own progress lines: "passive"
-    # (the default) keeps Ray Train's and Ray Data's per-step and per-dataset INFO lines out of the
-    # output (they still go to Ray's log files); "debug"/"info" show them, "warning"/"error"/"critical"
-    # also set transformers' verbosity in the workers. Warnings and errors always show.
-    log_level: str = "passive"
-    # "steps": every save_steps; "epoch": at each epoch's end; "best": when the eval metric of
-    # metric_for_best_model beats its best so far; "no": never. Except with "no", the last step is
-    # always saved (save_model and push_to_hub need a checkpoint).
-    save_strategy: str = "steps"
-    save_steps: float = 500
+    logging_steps: float = field(default=10, metadata={
+        "help": "As in transformers 5 (TrainerState.compute_steps): an int >= 1 is a number of optimizer "
+                "steps, a float in (0, 1) a ratio of the total steps, ceil(ratio * total); above 1 it must "
+                "be whole."})
+    logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step."})
+    log_level: str = field(default="passive", metadata={
+        "help": "transformers' name and values; what the run prints beside raydpo's own progress lines. "
+                "\"passive\" keeps Ray Train's and Ray Data's per-step and per-dataset INFO lines out of the "
+                "output (they still go to Ray's log files); \"debug\"/\"info\" show them; any value but "
+                "\"passive\" also sets transformers' verbosity in the workers. Warnings and errors always "
+                "show (docs/output.md)."})
+    save_strategy: str = field(default="steps", metadata={
+        "help": "\"steps\": every save_steps; \"epoch\": at each epoch's end; \"best\": when the eval metric "
+                "of metric_for_best_model beats its best so far (needs evaluation); \"no\": never. Except "
+                "with \"no\", the last step is always saved (save_model and push_to_hub export a checkpoint, "
+                "so with \"no\" they have none)."})
+    save_steps: float = field(default=500, metadata={
+        "help": "Steps between saves under save_strategy \"steps\": an int, or a float in (0, 1), a ratio "
+                "of the total steps (as logging_steps)."})
 
-    # --- evaluation (transformers' names; README "Evaluation and early stopping") ---
-    # With an eval_dataset: "steps" evaluates every eval_steps (None: logging_steps), "epoch" at each
-    # epoch's end; the last step is always evaluated. Metrics are logged as "eval_<name>" (transformers' names).
-    eval_strategy: str = "no"
-    eval_steps: Optional[float] = None
-    # Evaluate before the first step too (a sanity check, as in transformers): logged at the starting
-    # step; neither early stopping nor the best checkpoint counts it.
-    eval_on_start: bool = False
-    per_device_eval_batch_size: int = 8
-    load_best_model_at_end: bool = False
-    metric_for_best_model: Optional[str] = None  # e.g. "loss" or "rewards/accuracies" (of the eval set)
-    greater_is_better: Optional[bool] = None  # None: False for a loss, True otherwise
-    # Stop after this many evaluations without an improvement larger than the threshold
-    # (transformers' EarlyStoppingCallback arguments).
-    early_stopping_patience: Optional[int] = None
-    early_stopping_threshold: float = 0.0
+    # --- evaluation (transformers' names; docs/trainer.md "Evaluation and early stopping") ---
+    eval_strategy: str = field(default="no", metadata={
+        "help": "With an eval_dataset: \"steps\" evaluates every eval_steps, \"epoch\" at each epoch's end; "
+                "the last step is always evaluated. Metrics are logged as \"eval_<name>\" (transformers' "
+                "names)."})
+    eval_steps: Optional[float] = field(default=None, metadata={
+        "help": "An int, or a float in (0, 1): a ratio of the total steps (as logging_steps). "
+                "None: logging_steps."})
+    eval_on_start: bool = field(default=False, metadata={
+        "help": "Also evaluate before the first step (transformers' sanity check): logged as a history row "
+                "of its own at the starting step (0), not counted by early stopping or the best checkpoint."})
+    per_device_eval_batch_size: int = field(default=8, metadata={
+        "help": "Eval pairs per worker per forward (and per micro-batch of DPOTrainer.evaluate())."})
+    load_best_model_at_end: bool = field(default=False, metadata={
+        "help": "Rank checkpoints by metric_for_best_model (save_total_limit keeps the best), and return the "
+                "best as TrainOutput.checkpoint and from save_model; every evaluation saves a checkpoint. As "
+                "in transformers, save_strategy must equal eval_strategy unless it is \"best\", and with "
+                "\"steps\" save_steps must be a multiple of eval_steps (two ratios may be; a ratio and a "
+                "count may not)."})
+    metric_for_best_model: Optional[str] = field(default=None, metadata={
+        "help": "An eval metric, as transformers takes it: \"loss\" or \"eval_loss\", \"rewards/accuracies\" "
+                "or \"eval_rewards/accuracies\" (\"eval/loss\" is accepted too). None: \"loss\"."})
+    greater_is_better: Optional[bool] = field(default=None, metadata={
+        "help": "Whether a larger metric_for_best_model is better. None: False for a loss, else True."})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={
+        "help": "Stop after this many evaluations in a row without an improvement larger than "
+                "early_stopping_threshold (transformers' EarlyStoppingCallback rule); the count is kept in "
+                "checkpoints, so a restarted run keeps it."})
+    early_stopping_threshold: float = field(default=0.0, metadata={
+        "help": "The improvement an evaluation must beat to reset early_stopping_patience."})
 
-    # --- DPO ---
-    beta: float = 0.1
-    # A name or a list of names (TRL's default is the list ["sigmoid"]); a one-name list becomes that name.
-    loss_type: Union[str, List[str]] = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: Optional[List[float]] = None
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    ld_alpha: Optional[float] = None
-    use_weighting: bool = False
-    discopop_tau: float = 0.05
-    max_length: Optional[int] = 1024
-    truncation_mode: str = "keep_start"
-    # transformers' name. raydpo's default is True: rows of similar length share a batch (seeded, so
-    # runs and restarts stay reproducible). False gives TRL's plain shuffle.
-    group_by_length: bool = True
-    # raydpo: one sequence per pair (prompt + chosen + rejected, with a mask that keeps rejected from
-    # seeing chosen), so each prompt is computed once; used when truncation keeps every prompt whole.
-    share_prompt: bool = True
-    # --- data (raydpo extras; README "Data formats") ---
-    # Skip rows that can't be trained on (malformed, or a prompt that fills max_length under
-    # keep_start) with a warning that counts them, instead of raising on the first one.
-    skip_bad_rows: bool = False
-    # Cache tokenized datasets in this local folder, keyed by source data, tokenizer and map_fn.
-    dataset_cache_dir: Optional[str] = None
-    # --- end data ---
-    # from_pretrained's keyword arguments (also as JSON text). "dtype" (or transformers 4's "torch_dtype") may
-    # name a torch dtype, e.g. "bfloat16", or be "auto"; the default is float32.
-    model_init_kwargs: Optional[Union[dict, str]] = None
-    # Mixture-of-Experts models (TRL's field and rule): the weight of the router's load-balancing loss
-    # added to the DPO loss, and logged as aux_loss. None: the model config's own router_aux_loss_coef
-    # (e.g. Mixtral's 0.001); 0.0 turns it off. Only for a model whose config has output_router_logits;
-    # setting it for another model is an error. With it, batches use the two-sequence layout.
-    router_aux_loss_coef: Optional[float] = None
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    # Reference-model options of TRL. sync_ref_model (TR-DPO): every ref_model_sync_steps the in-worker
-    # reference becomes alpha * policy + (1 - alpha) * reference.
-    precompute_ref_log_probs: bool = False
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
-    # --- reference modes (raydpo extras; README "Reference modes") ---
-    # precompute_ref_log_probs or stream_ref_log_probs: pairs per reference forward in the actors (None:
-    # per_device_train_batch_size), the number of actors, and each actor's Ray resources (None:
-    # {"GPU": 1} with use_gpu, else {"CPU": 1}).
-    precompute_ref_batch_size: Optional[int] = None
-    precompute_ref_num_actors: int = 1
-    precompute_ref_resources: Optional[Union[dict, str]] = None
-    # Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), so a
-    # second run and every sweep trial skip the reference forward. None turns the cache off.
-    precompute_ref_cache_dir: Optional[str] = "~/.cache/raydpo/ref_logps"
-    # Streamed: the same actor pool computes the reference log-probs while training runs, each worker
-    # sending its micro-batches stream_ref_prefetch_batches ahead of the one it trains on. A cached
-    # precompute for the same rows is used instead when there is one.
-    stream_ref_log_probs: bool = False
-    stream_ref_prefetch_batches: int = 2
-    # --- end reference modes ---
+    # --- DPO (docs/losses.md) ---
+    beta: float = field(default=0.1, metadata={"help": "DPO's beta: the rewards are beta times the log-ratios."})
+    loss_type: Union[str, List[str]] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": "One of TRL 1.16's fifteen loss types (raydpo/losses.py), or a list of them, weighted by "
+                "loss_weights (MPO). TRL's default is the list [\"sigmoid\"]; a one-name list becomes that "
+                "name."})
+    loss_weights: Optional[List[float]] = field(default=None, metadata={
+        "help": "One weight per loss_type; None: 1.0 each."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "In [0, 0.5]; enters only robust (< 0.5), exo_pair (> 0 needed), aot and aot_unpaired."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={
+        "help": "reverse_kl, forward_kl, js_divergence or alpha_divergence; other than reverse_kl only for "
+                "the losses built on the chosen-rejected difference (docs/losses.md)."})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={
+        "help": "alpha of f_divergence_type \"alpha_divergence\"."})
+    ld_alpha: Optional[float] = field(default=None, metadata={
+        "help": "LD-DPO, in [0, 1]: the weight of the longer completion's tokens beyond the shorter one's "
+                "length, in the policy's and the reference's log-probs alike. None: off."})
+    use_weighting: bool = field(default=False, metadata={
+        "help": "WPO: weight each pair's loss by its completions' probability (no gradient through the "
+                "weight). Refused with aot and aot_unpaired."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "DiscoPOP's temperature (> 0)."})
+    max_length: Optional[int] = field(default=1024, metadata={
+        "help": "Each prompt+completion sequence is truncated to this many tokens on its own, as in TRL. "
+                "None: no truncation."})
+    truncation_mode: str = field(default="keep_start", metadata={
+        "help": "keep_start or keep_end: which end of a too-long sequence stays. keep_end is refused for "
+                "vision rows."})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "transformers' name; raydpo's default is True (transformers' False). Rows of similar length "
+                "share a micro-batch: each run of 50 batches of the seeded shuffle is sorted by length, cut "
+                "into batches, and the batches are shuffled again; a pure function of (seed, epoch, "
+                "lengths), so resumes and restarts stay exact. On hh-rlhf-like lengths it cuts padded "
+                "positions to under a fifth (tested). False gives TRL's plain shuffle."})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "raydpo only. Each pair is one sequence, prompt + chosen + rejected, with an attention mask "
+                "that keeps rejected tokens from seeing chosen ones and position ids that restart where the "
+                "completion starts, so every prompt is computed once instead of twice; used for a batch when "
+                "truncation leaves every prompt whole (always with keep_start), for models whose logits are "
+                "lm_head(final hidden state), and not for vision or MoE-with-aux-loss batches. The results "
+                "equal TRL's two-sequence layout (tested against TRL)."})
 
-    # --- Ray and DeepSpeed ---
-    num_workers: int = 1
-    use_gpu: bool = False
-    # Resources of one training worker, e.g. {"CPU": 0.5}. None sizes it from the cluster so that
-    # N workers fit beside Ray Data's tasks on a small machine.
-    resources_per_worker: Optional[Union[dict, str]] = None
-    # A DeepSpeed config: a dict or a path to a JSON file. None uses raydpo's default; "auto" values
-    # and missing batch / accumulation / clipping / optimizer fields are filled from this config.
-    deepspeed: Optional[Union[dict, str]] = None
-    # ZeRO stage used when the DeepSpeed config does not set one. None: 0 for a single worker (nothing
-    # to shard, and ZeRO's gradient bucketing costs ~25% of a CPU step), 2 for several.
-    zero_stage: Optional[int] = None
-    # Where Ray Train persists checkpoints (local path or URI). None: output_dir.
-    storage_path: Optional[str] = None
-    # Ray cluster to join. None: RAY_ADDRESS if set, else an embedded local Ray.
-    ray_address: Optional[str] = None
-    # Threads each worker's torch uses; None divides the node's cores among the workers.
-    torch_threads_per_worker: Optional[int] = None
+    # --- data (raydpo extras; docs/data-formats.md) ---
+    skip_bad_rows: bool = field(default=False, metadata={
+        "help": "Skip rows that can't be trained on (malformed, or a prompt that fills max_length under "
+                "keep_start) with a warning that counts them per reason, instead of raising on the first "
+                "one."})
+    dataset_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Cache tokenized datasets as parquet in this local folder, keyed by source data, split, "
+                "map_fn's source and tokenizer. None: no cache."})
 
-    # --- reliability ---
-    # Ray Train restarts the worker group from the latest checkpoint up to this many times (-1: forever).
-    max_failures: int = 0
-    # Keep only the newest K checkpoints (None keeps all).
-    save_total_limit: Optional[int] = None
-    # Remote code in a model repo runs only when the user asks for it.
-    trust_remote_code: bool = False
+    # --- model (TRL names) ---
+    model_init_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "from_pretrained's keyword arguments (a dict, or JSON text). \"dtype\" (or transformers 4's "
+                "\"torch_dtype\") may name a torch dtype, e.g. \"bfloat16\", or be \"auto\"; the default is "
+                "float32."})
+    router_aux_loss_coef: Optional[float] = field(default=None, metadata={
+        "help": "Mixture-of-Experts models (TRL's field and rule): the weight of the router's load-balancing "
+                "loss added to the DPO loss, logged as aux_loss. None: the model config's own "
+                "router_aux_loss_coef (e.g. Mixtral's 0.001); 0.0 turns it off. Only for a model whose config "
+                "has output_router_logits; another value for another model is an error. With it, batches use "
+                "the two-sequence layout."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Set dropout to 0 in the policy, the reference and PEFT adapters."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward to save memory."})
 
-    # --- accepted for TRL configs, with no effect (README "CLI") ---
-    # TRL's DPOTrainer keeps the columns DPO reads (prompt, chosen, rejected, images, tools) whatever this
-    # says, and raydpo reads only those: neither value changes a run.
-    remove_unused_columns: bool = True
+    # --- reference model (TRL names; docs/reference-modes.md) ---
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "Compute the reference log-probs once, before training, in a pool of Ray actors; the workers "
+                "then hold no reference. Refused with sync_ref_model and with vision rows."})
+    sync_ref_model: bool = field(default=False, metadata={
+        "help": "TR-DPO: every ref_model_sync_steps the in-worker reference becomes alpha * policy + "
+                "(1 - alpha) * reference. Refused with PEFT and precompute_ref_log_probs."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={
+        "help": "TR-DPO's alpha, in [0, 1]."})
+    ref_model_sync_steps: int = field(default=512, metadata={
+        "help": "TR-DPO: optimizer steps between reference syncs."})
+
+    # --- reference modes (raydpo extras; docs/reference-modes.md) ---
+    precompute_ref_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "precompute_ref_log_probs or stream_ref_log_probs: pairs per reference forward in the "
+                "actors. None: per_device_train_batch_size."})
+    precompute_ref_num_actors: int = field(default=1, metadata={
+        "help": "Reference actors, each with its own copy of the reference."})
+    precompute_ref_resources: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "Ray resources of one reference actor (a dict, or JSON text). None: {\"GPU\": 1} with "
+                "use_gpu, else {\"CPU\": 1}; streamed on CPUs: half the CPUs the training workers may share, "
+                "split over the actors, at most 1 each."})
+    precompute_ref_cache_dir: Optional[str] = field(default="~/.cache/raydpo/ref_logps", metadata={
+        "help": "Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), "
+                "so a second run and every sweep trial skip the reference forward. None turns the cache off."})
+    stream_ref_log_probs: bool = field(default=False, metadata={
+        "help": "The actor pool computes the reference log-probs while training runs; training starts at "
+                "once. A cached precompute for the same rows is used instead when there is one. Refused with "
+                "precompute_ref_log_probs and sync_ref_model."})
+    stream_ref_prefetch_batches: int = field(default=2, metadata={
+        "help": "How many micro-batches ahead of the one it trains on each worker sends to the pool."})
+
+    # --- Ray and DeepSpeed (docs/clusters.md) ---
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers."})
+    use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker."})
+    resources_per_worker: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "Ray resources of one training worker, e.g. {\"CPU\": 0.5} (a dict, or JSON text). None sizes "
+                "it from the cluster: CPU workers share all but one of the cluster's CPUs, so Ray Data's tasks "
+                "are never starved; GPU workers take one GPU each."})
+    deepspeed: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "A DeepSpeed config: a dict, JSON text, or a path to a JSON file. None uses raydpo's default; "
+                "\"auto\" values and missing batch, accumulation, clipping and optimizer fields are filled "
+                "from this config."})
+    zero_stage: Optional[int] = field(default=None, metadata={
+        "help": "ZeRO stage 0-3, used when the DeepSpeed config sets none. None: 0 for one worker (nothing "
+                "to shard, and ZeRO-2's gradient bucketing costs time: bench/RESULTS.md), else 2."})
+    storage_path: Optional[str] = field(default=None, metadata={
+        "help": "Where Ray Train persists checkpoints (a local path or a URI; shared storage on a "
+                "multi-node cluster). None: output_dir."})
+    ray_address: Optional[str] = field(default=None, metadata={
+        "help": "The Ray cluster to join. None: RAY_ADDRESS if set, else an embedded local Ray."})
+    torch_threads_per_worker: Optional[int] = field(default=None, metadata={
+        "help": "Threads each worker's torch uses. None divides the node's cores among the workers on "
+                "that node (and, in a CPU sweep, among concurrent trials)."})
+
+    # --- reliability (docs/reliability.md) ---
+    max_failures: int = field(default=0, metadata={
+        "help": "Ray Train restarts the worker group from the latest checkpoint up to this many times "
+                "(-1: without limit)."})
+    save_total_limit: Optional[int] = field(default=None, metadata={
+        "help": "Keep only the newest K checkpoints (the best one too, with load_best_model_at_end). "
+                "None keeps all."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run remote code in a model repo; only when asked for."})
+
+    # --- accepted for TRL configs, with no effect (docs/cli.md) ---
+    remove_unused_columns: bool = field(default=True, metadata={
+        "help": "Accepted at either value, with no effect: TRL's DPOTrainer keeps the columns DPO reads "
+                "(prompt, chosen, rejected, images, tools) whatever this says, and raydpo reads only those."})
 
     def __post_init__(self):
         self._parse_json_fields()
