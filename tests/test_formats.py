@@ -264,7 +264,7 @@ def test_every_shared_preference_file_loads(ray_session, chat_tok, name):
     if not os.path.exists(path):
         pytest.skip(f"{path} is not here")
     rows, label, map_fn = REAL[name]
-    if map_fn == "rename":  # the README's preprocessing function (defined here: Ray pickles it by value)
+    if map_fn == "rename":  # docs/data-formats.md's preprocessing function (defined here: Ray pickles it by value)
         def map_fn(row):
             return {"prompt": row["question"], "chosen": row["response_j"], "rejected": row["response_k"]}
     summary = summarize_dataset(path, chat_tok, max_length=None, map_fn=map_fn)
