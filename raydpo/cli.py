@@ -20,32 +20,16 @@ import dataclasses
 import os
 import sys
 
-import yaml
-
 from raydpo.config import DPOConfig
+from raydpo.script_args import ConfigError, read_config
 
 RUN_KEYS = {"model", "ref_model", "train_dataset", "eval_dataset"}
 SWEEP_KEYS = {"search_space", "scheduler", "metric", "mode", "num_samples", "max_concurrent_trials", "name"}
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def load_config(path: str, overrides: list, extra_keys: set) -> tuple:
     """(DPOConfig, the run/sweep keys) from a YAML file and `--set key=value` overrides."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        values[key.strip()] = yaml.safe_load(raw)
+    values = read_config(path, overrides)
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
     unknown = sorted(set(values) - fields - RUN_KEYS - extra_keys)
     if unknown:
