@@ -33,6 +33,10 @@ def test_two_workers_every_metric_finite(ray_session, tiny_model, parity_rows, t
     assert out.metrics == out.history[-1]
     assert out.history[-1]["num_tokens"] > out.history[0]["num_tokens"] > 0
     assert out.checkpoint and out.checkpoint.endswith("checkpoint-3")
+    # where start-up went, phase by phase (bench/startup.py prints it): every phase measured, in order
+    assert list(out.startup) == ["worker group", "imports and process group", "data shard", "model load",
+                                 "deepspeed init", "reference", "first step", "total"]
+    assert all(seconds >= 0 for seconds in out.startup.values()) and out.startup["total"] > 0
     events = list((tmp_path).glob("*/tensorboard/events.out.tfevents.*"))
     assert events and b"train/rewards/margins" in events[0].read_bytes()
     if stage == 3:  # the export gathers ZeRO-3 shards: check it loads with plain transformers and generates

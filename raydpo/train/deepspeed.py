@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import types
 
 from raydpo.config import DPOConfig
@@ -113,9 +114,31 @@ def check_lr_scheduler(config: DPOConfig, total_steps: int):
                        total_steps)
 
 
+def import_deepspeed():
+    """`import deepspeed`, without two costs a training worker never uses (measured by bench/startup.py):
+
+    - deepspeed.autotuning imports mlflow when it is installed, ~1.5 s per process; its autotuner is the
+      only user, and raydpo never runs it. mlflow is hidden for that one import unless already loaded.
+    - On the CPU accelerator, DeepSpeed's communication backend loads a shared-memory all-reduce
+      extension (`deepspeed_shm_comm`): a ~45 s C++ build on a machine that has not built it yet, 1-2 s
+      to load after that, and a "built successfully" line in every run's output. Only
+      `inference_all_reduce` (DeepSpeed's inference engine) uses it; training's all-reduce is
+      torch.distributed's. Marked incompatible here, DeepSpeed skips it (comm/torch.py: build_shm_op)."""
+    hide_mlflow = "mlflow" not in sys.modules
+    if hide_mlflow:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError inside deepspeed.autotuning
+    try:
+        import deepspeed
+    finally:
+        if hide_mlflow and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def initialize_policy(model, ds_config: dict, config: DPOConfig, total_steps: int):
     """Wrap the policy in a DeepSpeed engine with transformers' optimizer, parameter groups and LR scheduler."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if "optimizer" in ds_config:  # DeepSpeed builds it (deepspeed_builds_optimizer), over Trainer's groups
         groups, optimizer = param_groups(model), None

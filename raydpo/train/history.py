@@ -24,6 +24,7 @@ class MetricsHistory:
         # row), ("save", step) and ("end", step) in the order rank 0 sent them; the driver acks each ended step, with its should_training_stop.
         self.events = []
         self.acked, self.stop = -1.0, False
+        self.marks = {}  # start-up phase -> wall time rank 0 reached it (raydpo.train.startup)
 
     def append(self, metrics: dict):
         # After a restart from a checkpoint, steps past it are logged again: the new ones replace them.
@@ -33,6 +34,13 @@ class MetricsHistory:
         self.rows.append(dict(metrics))
         self.events.append(("log", dict(metrics)))
         self.trackers.log(metrics, metrics.get("global_step", len(self.rows)))
+
+    def mark(self, marks: dict):
+        for name, when in marks.items():
+            self.marks.setdefault(name, when)  # the first attempt's; a restarted worker group reports again
+
+    def startup_marks(self) -> dict:
+        return dict(self.marks)
 
     def saved(self, step: int):
         self.events.append(("save", step))

@@ -31,6 +31,7 @@ from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
+from raydpo.train.startup import StartupClock
 
 
 def model_init_kwargs(config: DPOConfig) -> dict:
@@ -215,16 +216,20 @@ def train_loop_per_worker(loop_config: dict):
     plan = loop_config["plan"]
     config = resolve_ratios(DPOConfig(**loop_config["config"]), plan["total_steps"])
     rank, world_size = _setup_worker(config)
+    clock = StartupClock(rank)  # where start-up time goes (TrainOutput.startup)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
     eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan["eval_batches"] else []
     lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
+    clock.mark("data")
 
     ds_config = build_deepspeed_config(config, world_size)
     in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
     reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
     policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
+    clock.mark("model")
     engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
+    clock.mark("deepspeed")
     config = fit_to_model(config, engine)
 
     step, window, state = 0, MetricsWindow(), {}
@@ -237,6 +242,7 @@ def train_loop_per_worker(loop_config: dict):
             state = checkpoint.restore(engine, directory, rank)
             step, window.total_tokens = state["global_step"], state["num_tokens"]
     early_stopping = EarlyStopping(config, state.get("early_stopping"))
+    clock.mark("reference")
 
     engine.train()
     accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
@@ -267,6 +273,8 @@ def train_loop_per_worker(loop_config: dict):
             if not boundary:
                 continue
             step += 1
+            clock.mark("first_step")
+            clock.send(loop_config["history"])
             if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
                 reference.sync_from(engine.module, config.ref_model_mixup_alpha)
             grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()

@@ -27,6 +27,7 @@ from raydpo.train.loop import train_loop_per_worker
 from raydpo.train.model_objects import is_model_object, model_name, objects_folder, save_model_object
 from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import ProgressPrinter
+from raydpo.train.startup import startup_seconds
 from raydpo.train.trackers import report_targets, tracker_env
 from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
@@ -38,6 +39,8 @@ class TrainOutput:
     metrics: dict  # the last logged metrics
     history: List[dict] = field(default_factory=list)  # one dict per logging step, in order
     checkpoint: Optional[str] = None  # path of the latest checkpoint
+    # seconds from fit() to the end of the first optimizer step, by phase (raydpo.train.startup)
+    startup: dict = field(default_factory=dict)
 
 
 def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> dict:
@@ -101,6 +104,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     stream_ref_log_probs: the pool scores them beside the training workers.
     With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
+    fit_start = time.time()
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     check_lr_scheduler(config, plan["total_steps"])  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
@@ -172,9 +176,10 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         stop_reference_pool(reference_pool)
         if pump is not None:
             pump.stop()  # delivers the last events; a callback's error is raised here
-    rows = ray.get(history.close.remote())
+    rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
-    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None)
+    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None,
+                       startup=startup_seconds(fit_start, marks))
 
 
 def _check_router_aux_loss(model: str, config: DPOConfig):

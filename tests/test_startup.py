@@ -1,0 +1,58 @@
+"""Start-up accounting (raydpo/train/startup.py) and the DeepSpeed import it measured: no Ray."""
+
+import sys
+
+from raydpo.train.startup import PHASES, StartupClock, startup_seconds
+
+
+def test_phases_are_seconds_between_consecutive_marks_in_run_order():
+    marks = {"worker_process_start": 103.0, "loop_start": 105.5, "data": 106.0, "model": 108.0, "deepspeed": 109.0,
+             "reference": 109.25, "first_step": 110.0}
+    seconds = startup_seconds(100.0, marks)
+    assert list(seconds) == [phase for _, phase in PHASES] + ["total"]
+    assert seconds["worker group"] == 3.0 and seconds["imports and process group"] == 2.5
+    assert seconds["model load"] == 2.0 and seconds["first step"] == 0.75
+    assert seconds["total"] == 10.0 == sum(v for k, v in seconds.items() if k != "total")
+
+
+def test_a_missing_mark_folds_into_the_next_phase_and_no_marks_give_nothing():
+    seconds = startup_seconds(0.0, {"loop_start": 4.0, "first_step": 9.0})
+    assert seconds == {"imports and process group": 4.0, "first step": 5.0, "total": 9.0}
+    assert startup_seconds(0.0, {}) == {}
+
+
+def test_only_rank_0_sends_and_only_once_the_first_step_is_done():
+    sent = []
+
+    class History:
+        class mark:
+            @staticmethod
+            def remote(marks):
+                sent.append(dict(marks))
+
+    assert StartupClock(1).marks is None
+    clock = StartupClock(0)
+    clock.mark("data")
+    clock.send(History)
+    assert sent == []  # not before the first step
+    clock.mark("first_step")
+    first = clock.marks["first_step"]
+    clock.mark("first_step")  # a later step does not move it
+    clock.send(History)
+    clock.send(History)
+    assert len(sent) == 1 and sent[0]["first_step"] == first
+    assert sent[0]["worker_process_start"] <= sent[0]["loop_start"] <= sent[0]["data"] <= first
+
+
+def test_deepspeed_imports_without_mlflow_or_the_shared_memory_op_and_mlflow_still_imports():
+    from raydpo.train.deepspeed import import_deepspeed
+
+    deepspeed = import_deepspeed()
+    from deepspeed.autotuning import autotuner
+
+    assert "mlflow" not in sys.modules or sys.modules["mlflow"] is not None
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert autotuner.has_mlflow is False or "mlflow" in sys.modules
+    import mlflow  # hidden for deepspeed's import only
+
+    assert mlflow.__version__
