@@ -25,7 +25,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) experiments/demo.py --model "$(MODEL)" $(if $(DATA),--data "$(DATA)")
 
-# One pytest process (and so one Ray instance) per test file: Ray Train V2 runs that share one
-# Ray instance for the whole suite have been seen to wait forever for resources late in a long session.
+# Tests of pure logic (no Ray) run together in one pytest process. Each test file that starts Ray runs
+# in a process (and so a Ray instance) of its own: with one Ray instance serving the whole suite, a late
+# run has been seen to wait forever, its driver never told that Ray Train's controller actor was alive
+# (docs/clusters.md, "Many runs in one session").
+PURE_TESTS := tests/test_batching.py tests/test_cluster_configs.py tests/test_config.py tests/test_docs.py \
+	tests/test_logprobs.py tests/test_losses.py tests/test_metrics.py tests/test_progress.py tests/test_startup.py \
+	tests/test_training_arguments.py
+RAY_TESTS := $(filter-out $(PURE_TESTS),$(wildcard tests/test_*.py))
+
 test: install
-	@status=0; for f in tests/test_*.py; do echo "== $$f"; $(PY) -m pytest -q -p no:warnings $$f || status=1; done; exit $$status
+	@status=0; echo "== pure logic: $(notdir $(PURE_TESTS))"; $(PY) -m pytest -q -p no:warnings $(PURE_TESTS) || status=1; \
+	for f in $(RAY_TESTS); do echo "== $$f"; $(PY) -m pytest -q -p no:warnings $$f || status=1; done; exit $$status

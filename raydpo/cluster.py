@@ -109,10 +109,44 @@ def quiet_logs(log_level: str, worker: bool = False) -> None:
         logging.getLogger(train_context.__file__).setLevel(ray_log_level(log_level))
     except ImportError:  # another Ray version: its own logging config applies
         pass
-    if log_level != "passive":  # as transformers' Trainer does with log_level
-        import transformers
+    import transformers
 
+    if log_level != "passive":  # as transformers' Trainer does with log_level
         transformers.logging.set_verbosity(getattr(logging, log_level.upper()))
+    if log_level in ("passive", "warning", "error", "critical"):
+        # "Loading weights" and "Writing model shards" bars from every worker, at every load and save
+        transformers.utils.logging.disable_progress_bar()
     if log_level in ("passive", "warning", "error", "critical"):
         # DeepSpeed's ZeRO calls a torch.distributed function that torch deprecated; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+
+
+def leftovers(wait_s: float = 30.0) -> dict:
+    """What earlier runs still hold in this Ray session, after waiting up to `wait_s` for Ray's
+    asynchronous clean-up: {"placement_groups": [...], "actors": [...], "cpus_in_use": float}, empty lists
+    and 0.0 when every run returned what it took. A run that leaves a placement group or a CPU-holding
+    actor behind makes a later run wait at "Requesting resources"; the test suite checks this after
+    every test that used the shared session (tests/conftest.py)."""
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        groups = [f"{pg_id[:8]} {info.get('name') or ''} {info['state']} {info['bundles']}".strip()
+                  for pg_id, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"]
+        in_use = ray.cluster_resources().get("CPU", 0.0) - ray.available_resources().get("CPU", 0.0)
+        if (not groups and in_use < 1e-6) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    actors = []
+    if groups or in_use >= 1e-6:
+        webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
+        try:
+            actors = [f"{a.class_name} pid={a.pid} {a.required_resources}"
+                      for a in list_actors(address=f"http://{webui}" if webui else None,
+                                           filters=[("state", "=", "ALIVE")], detail=True)
+                      if a.required_resources.get("CPU")]
+        except Exception as error:  # the state API is a diagnosis here, not the check
+            actors = [f"(actors unknown: {error})"]
+    return {"placement_groups": groups, "actors": actors, "cpus_in_use": round(in_use, 3)}

@@ -32,6 +32,22 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers(request):
+    """After each test that used the shared Ray session: every run it made has given back its placement
+    groups and CPUs (a leftover makes a later run wait forever at "Requesting resources")."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    import ray
+
+    from raydpo import cluster
+
+    if ray.is_initialized():
+        left = cluster.leftovers()
+        assert not left["placement_groups"] and not left["cpus_in_use"], f"{request.node.nodeid} left {left}"
+
+
 @pytest.fixture(scope="session")
 def parity_rows():
     from raydpo.tasks import parity_pairs

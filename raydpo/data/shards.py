@@ -19,5 +19,8 @@ class ContiguousShards(ray.train.DataConfig):
             bounds = [num_rows * rank // world_size for rank in range(1, world_size)]
             parts = ds.split_at_indices(bounds) if bounds else [ds]
             for rank, part in enumerate(parts):
+                # A progress bar per worker and dataset would flood the run's output for a read that is
+                # over in moments. This runs in Ray Train's controller process, so only its copies change.
+                part.context.enable_progress_bars = False
                 output[rank][name] = part.iterator()
         return output
