@@ -13,7 +13,7 @@ from raydpo.data.batching import collate
 from raydpo.logprobs import ld_weights, model_completion_logps
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
 from raydpo.reference.precompute import ReferenceLogps
-from raydpo.train.loop import load_model, load_policy
+from raydpo.model_loading import load_model, load_policy
 
 
 def tokenized_rows(model_dir, rows):
@@ -58,9 +58,9 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raydpo.reference.peft_base import REF_ADAPTER
+    from raydpo.model_loading import REF_ADAPTER
     from raydpo.train.deepspeed import param_groups
-    from raydpo.train.loop import continued_adapter
+    from raydpo.model_loading import continued_adapter
 
     adapter = str(tmp_path / "adapter")
     trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora(init_lora_weights=False))

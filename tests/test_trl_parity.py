@@ -19,7 +19,8 @@ from raydpo.data.batching import collate, token_counts
 from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
-from raydpo.train.loop import _grad_norm, dpo_step, load_model
+from raydpo.model_loading import load_model
+from raydpo.train.loop import _grad_norm, dpo_step
 from raydpo.train.metrics import MetricsWindow
 
 
@@ -234,7 +235,7 @@ def test_router_aux_loss_coef_follows_trl(tiny_model, tiny_moe_model, parity_row
 
     from raydpo import DPOTrainer
     from raydpo.losses import router_aux_loss_coef
-    from raydpo.train.loop import fit_to_model
+    from raydpo.model_loading import fit_to_model
 
     moe, dense = AutoConfig.from_pretrained(tiny_moe_model), AutoConfig.from_pretrained(tiny_model)
     assert router_aux_loss_coef(moe, None) == moe.router_aux_loss_coef == 0.001  # Mixtral's default

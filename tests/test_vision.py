@@ -17,7 +17,7 @@ from raydpo.data.tokenize import tokenize_pair
 from raydpo.logprobs import model_completion_logps
 from raydpo.tasks import colour_image as image
 from raydpo.tasks import colour_pairs as colour_rows
-from raydpo.train.loop import load_model
+from raydpo.model_loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from raydpo.reference.peft_base import is_peft_model
+from raydpo.model_loading import is_peft_model
 from raydpo.train.deepspeed import zero_stage
 
 DS_TAG = "deepspeed"

@@ -11,11 +11,12 @@ import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
+from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
+                                  load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference
-from raydpo.reference.peft_base import REF_ADAPTER, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
-from raydpo.train.loop import continued_adapter, evaluate, fit_to_model, load_model, load_policy
+from raydpo.train.loop import evaluate
 
 
 def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,

@@ -7,7 +7,6 @@ trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -22,91 +21,16 @@ import torch
 from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate, epoch_order, row_length, token_counts
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely, text_config
-from raydpo.losses import dpo_loss, rewards, router_aux_loss_coef
+from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
+from raydpo.losses import dpo_loss, rewards
+from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
+                                  load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
-from raydpo.reference.peft_base import (REF_ADAPTER, adapter_base, add_reference_adapter, is_adapter_dir,
-                                       is_peft_model, reference_model_path)
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
 from raydpo.train.startup import StartupClock
-
-
-def model_init_kwargs(config: DPOConfig) -> dict:
-    """from_pretrained's keyword arguments: float32 and config.trust_remote_code unless model_init_kwargs
-    says otherwise; a dtype named as text ("bfloat16", transformers 4's torch_dtype key too) becomes torch's."""
-    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
-    if "torch_dtype" in kwargs:
-        kwargs["dtype"] = kwargs.pop("torch_dtype")
-    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    return kwargs
-
-
-def load_model(path: str, config: DPOConfig):
-    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL.
-    A PEFT adapter folder gives that adapter, frozen, on its base (a continued adapter's reference)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        return _prepare(PeftModel.from_pretrained(load_model(adapter_base(path), config), path), config)
-    kwargs = model_init_kwargs(config)
-    model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
-    vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
-    if config.disable_dropout:
-        _disable_dropout(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
-
-
-def _disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def _prepare(peft_model, config: DPOConfig):
-    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
-        _disable_dropout(peft_model)
-    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
-        peft_model.enable_input_require_grads()
-    return peft_model
-
-
-def load_policy(path: str, config: DPOConfig, peft_config=None, reference_adapter: Optional[str] = None):
-    """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
-    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue.
-    `reference_adapter`: an adapter folder loaded beside the trained adapter, frozen, as "ref" (the
-    reference of a continued adapter, as TRL's; `PeftBaseReference(policy, REF_ADAPTER)` uses it)."""
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_model(adapter_base(path), config), path, is_trainable=True)
-    elif peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(load_model(path, config), peft_config)
-    else:
-        return load_model(path, config)
-    if reference_adapter is not None:
-        training = model.training
-        add_reference_adapter(model, reference_adapter)
-        model.train(training)  # load_adapter puts the whole model in eval mode
-    return _prepare(model, config)
-
-
-def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
-    """The adapter folder whose frozen copy is the reference: `model` when it is an adapter folder being
-    continued with no ref_model (TRL's "ref" adapter), else None."""
-    return model if ref_model is None and is_adapter_dir(model) else None
 
 
 def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
@@ -124,18 +48,6 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
     return InWorkerReference(load_model(path, config), ds_config)
-
-
-def fit_to_model(config: DPOConfig, model) -> DPOConfig:
-    """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
-    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
-    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
-    TRL computes over the two-sequence layout's tokens)."""
-    coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
-    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
-    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
-        return config
-    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
 
 
 def dpo_step(engine, reference, batch: dict, config: DPOConfig):

@@ -29,7 +29,7 @@ from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import ProgressPrinter
 from raydpo.train.startup import startup_seconds
 from raydpo.train.trackers import report_targets, tracker_env
-from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
+from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
 
