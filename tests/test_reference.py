@@ -10,7 +10,8 @@ import torch
 
 from raydpo import DPOConfig, DPOTrainer
 from raydpo.data.batching import collate
-from raydpo.logprobs import ld_weights, model_completion_logps
+from raydpo.logprobs import model_completion_logps
+from raydpo.loss_weights import ld_weights
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
 from raydpo.reference.precompute import ReferenceLogps
 from raydpo.model_loading import load_model, load_policy
@@ -130,7 +131,7 @@ def test_actor_logps_equal_the_in_worker_reference(tiny_model, parity_rows, ld_a
     for part in (slice(0, 4), slice(4, 10)):
         batch = collate(scored[part], pad, 12)
         if ld_alpha is not None:
-            batch["logp_weights"] = ld_weights(batch["completion_mask"], ld_alpha)
+            batch.logp_weights = ld_weights(batch.completion_mask, ld_alpha)
         expected = reference.logps(batch)
         got = PrecomputedReference().logps(batch)
         assert torch.allclose(got, expected, atol=1e-5, rtol=0)

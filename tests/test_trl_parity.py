@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from raydpo import DPOConfig
-from raydpo.data.batching import collate, token_counts
+from raydpo.data.batching import SHARED_PROMPT, token_counts
 from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
 from raydpo.model_loading import load_model
-from raydpo.train.loop import _grad_norm, dpo_step
+from raydpo.train.loop import _grad_norm as grad_norm, dpo_step, make_batch
 from raydpo.train.metrics import MetricsWindow
 
 
@@ -73,16 +73,16 @@ def raydpo_first_step(model_path, ref_path, rows, options) -> dict:
 
     config = DPOConfig(max_length=32, per_device_train_batch_size=len(rows), **options)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = collate([tokenize_row(tokenizer, row) for row in rows], tokenizer.pad_token_id, config.max_length,
-                    share_prompt=config.share_prompt)
-    assert ("gather_index" in batch) == config.share_prompt
+    batch = make_batch([tokenize_row(tokenizer, row) for row in rows],
+                       {"tokenizer": tokenizer, "pad_token_id": tokenizer.pad_token_id}, config)
+    assert (batch.layout == SHARED_PROMPT) == config.share_prompt
     policy = load_model(model_path, config)
     reference = InWorkerReference(load_model(ref_path, config), {})
     loss, per_pair, per_token = dpo_step(policy, reference, batch, config)
     loss.backward()
     window = MetricsWindow()
     window.add(loss, per_pair, per_token, token_counts(batch))
-    return {**window.reduce(), "grad_norm": _grad_norm(policy)}
+    return {**window.reduce(), "grad_norm": grad_norm(policy)}
 
 
 @pytest.mark.parametrize("options", list(cases()), ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))

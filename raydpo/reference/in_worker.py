@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
 from raydpo.train.deepspeed import reference_deepspeed_config, zero_stage
 
@@ -25,7 +26,7 @@ class InWorkerReference:
         self.model = model
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> torch.Tensor:
+    def logps(self, batch: Batch) -> torch.Tensor:
         return model_completion_logps(self.model, batch)
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
 from raydpo.model_loading import is_peft_model
 
@@ -31,7 +32,7 @@ class PeftBaseReference:
         self.adapter_name = adapter_name
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> torch.Tensor:
+    def logps(self, batch: Batch) -> torch.Tensor:
         with self._reference_weights():
             return model_completion_logps(self.model, batch)
 

@@ -18,7 +18,7 @@ import torch
 from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
-from raydpo.logprobs import ld_weights, model_completion_logps, shares_prompt_safely
+from raydpo.logprobs import model_completion_logps, shares_prompt_safely
 from raydpo.model_loading import load_model
 from raydpo.reference import cache as ref_cache
 from raydpo.reference.precomputed import REF_COLUMNS
@@ -56,11 +56,9 @@ class ReferenceLogps:
         """(chosen, rejected) summed completion log-probs of the reference, one float per row."""
         if not rows:
             return [], []
+        # the training loop's batch, LD-DPO weights included (collate's ld_alpha), so the numbers are the same
         batch = collate(rows, self.pad_token_id, self.config.max_length, self.config.truncation_mode,
-                        self.config.share_prompt)
-        batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
-        if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
-            batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)
+                        self.config.share_prompt, ld_alpha=self.config.ld_alpha).to(self.device)
         with torch.no_grad():
             chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
         return chosen.tolist(), rejected.tolist()

@@ -20,8 +20,8 @@ import torch
 
 from raydpo import cluster
 from raydpo.config import DPOConfig
-from raydpo.data.batching import collate, epoch_order, row_length, token_counts
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps
+from raydpo.data.batching import Batch, collate, epoch_order, row_length, token_counts
+from raydpo.logprobs import model_completion_stats, pair_logps
 from raydpo.losses import dpo_loss, rewards
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
                                   load_policy, reference_model_path)
@@ -50,16 +50,18 @@ def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engin
     return InWorkerReference(load_model(path, config), ds_config)
 
 
-def dpo_step(engine, reference, batch: dict, config: DPOConfig):
+def dpo_step(engine, reference, batch: Batch, config: DPOConfig):
     """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected).
-    `config` is fitted to the model (`fit_to_model`): a router_aux_loss_coef other than 0 (or None) adds
-    that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it as aux_loss."""
-    batch = {name: value.to(engine.device) for name, value in batch.items()}  # collate builds it on the CPU
-    if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
-        batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
+    `config` is fitted to the model (`model_loading.fit_to_model`): a router_aux_loss_coef other than 0
+    (or None) adds that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it
+    as aux_loss. The batch comes from `make_batch` (with config.ld_alpha, its LD-DPO weights)."""
+    if (config.ld_alpha is not None) != (batch.logp_weights is not None):
+        raise ValueError(f"ld_alpha={config.ld_alpha} but the batch was built with"
+                         f"{'out' if batch.logp_weights is None else ''} LD-DPO weights: build it with make_batch")
+    batch = batch.to(engine.device)  # collate builds it on the CPU
     aux_coef = config.router_aux_loss_coef or 0.0
     policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
-    logps = pair_logps(policy, reference.logps(batch), batch["completion_mask"], config.use_weighting)
+    logps = pair_logps(policy, reference.logps(batch), batch.completion_mask, config.use_weighting)
     loss = dpo_loss(logps, config)
     if policy.aux_loss is not None:
         loss = loss + aux_coef * policy.aux_loss
@@ -67,11 +69,11 @@ def dpo_step(engine, reference, batch: dict, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
-def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> dict:
-    """The [2B] chosen+rejected batch of these rows (a vision batch with its pixel values)."""
+def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> Batch:
+    """The chosen+rejected batch of these rows, LD-DPO weights included (a vision batch with its pixel values)."""
     image_processor = getattr(loop_config["tokenizer"], "image_processor", None)
     return collate(rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode, config.share_prompt,
-                   image_processor)
+                   image_processor, ld_alpha=config.ld_alpha)
 
 
 def micro_batch_rows(reference, rows: list, index_batches: list):
