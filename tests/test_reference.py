@@ -227,7 +227,7 @@ def test_streamed_reference_prefetches_ahead(ray_session, tiny_model, parity_row
         assert sent == [2, 2, 2, 2]
         got = [r[column] for r in rows for column in ("ref_chosen_logps", "ref_rejected_logps")]
         assert got == pytest.approx(expected, abs=1e-5)  # scored in batches of 2 instead of 8: other padding
-        reference.fill(rows, 3)  # every row carries its values: nothing is scored again
+        reference.before_eval(rows, 3)  # every row carries its values: nothing is scored again
         assert [len(b) for b in reference.rows_ahead(rows, [[0, 1, 2]])] == [3]
         assert sum(sent) == 8
     finally:

@@ -8,10 +8,11 @@ import torch
 
 from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
+from raydpo.reference.base import Reference
 from raydpo.train.deepspeed import reference_deepspeed_config, zero_stage
 
 
-class InWorkerReference:
+class InWorkerReference(Reference):
     def __init__(self, model: torch.nn.Module, ds_config: dict):
         model.eval()
         model.requires_grad_(False)

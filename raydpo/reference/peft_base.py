@@ -16,9 +16,10 @@ import torch
 from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
 from raydpo.model_loading import is_peft_model
+from raydpo.reference.base import Reference
 
 
-class PeftBaseReference:
+class PeftBaseReference(Reference):
     """Reference log-probs from the policy (a PeftModel, possibly inside a DeepSpeed engine, sharded
     under ZeRO-3) under no_grad: with `adapter_name` None every adapter disabled (exactly the frozen base
     model); else with that (frozen) adapter active instead of the trained one, as TRL's `use_adapter`."""

@@ -8,9 +8,10 @@ import torch
 
 from raydpo.data.batching import Batch
 from raydpo.data.tokenize import REF_COLUMNS  # noqa: F401  (the columns tokenize carries through)
+from raydpo.reference.base import Reference
 
 
-class PrecomputedReference:
+class PrecomputedReference(Reference):
     def logps(self, batch: Batch) -> torch.Tensor:
         if batch.ref_logps is None:
             raise KeyError("precompute_ref_log_probs=True but the batch carries no ref_logps: the rows have no "

@@ -34,8 +34,8 @@ from raydpo.train.startup import StartupClock
 
 
 def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
-    """The reference mode, chosen once: the loop itself only calls `reference.logps(batch)` (and, for
-    TR-DPO, `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
+    """The reference mode, chosen once; the loop only uses the `Reference` interface (and, for TR-DPO,
+    `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
@@ -76,18 +76,10 @@ def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> Batch:
                    image_processor, ld_alpha=config.ld_alpha)
 
 
-def micro_batch_rows(reference, rows: list, index_batches: list):
-    """The rows of each micro-batch in turn; a streamed reference scores them a few batches ahead."""
-    if isinstance(reference, StreamedReference):
-        return reference.rows_ahead(rows, index_batches)
-    return ([rows[i] for i in indices] for indices in index_batches)
-
-
 def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
     """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
-    if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
-        reference.fill(rows, size)
+    reference.before_eval(rows, size)  # streamed: scored once, at the first evaluation
     engine.eval()
     with torch.no_grad():
         # Every worker runs num_batches forwards (ZeRO-3 gathers weights collectively); a worker whose
@@ -173,7 +165,7 @@ def train_loop_per_worker(loop_config: dict):
         order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
                             config.seed, epoch, lengths)
         first = (step - epoch * steps_per_epoch) * accumulation
-        for micro, batch_rows in enumerate(micro_batch_rows(reference, rows, order[first:]), start=first):
+        for micro, batch_rows in enumerate(reference.rows_ahead(rows, order[first:]), start=first):
             batch = make_batch(batch_rows, loop_config, config)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
