@@ -73,8 +73,7 @@ def raydpo_first_step(model_path, ref_path, rows, options) -> dict:
 
     config = DPOConfig(max_length=32, per_device_train_batch_size=len(rows), **options)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = make_batch([tokenize_row(tokenizer, row) for row in rows],
-                       {"tokenizer": tokenizer, "pad_token_id": tokenizer.pad_token_id}, config)
+    batch = make_batch([tokenize_row(tokenizer, row) for row in rows], config, tokenizer, tokenizer.pad_token_id)
     assert (batch.layout == SHARED_PROMPT) == config.share_prompt
     policy = load_model(model_path, config)
     reference = InWorkerReference(load_model(ref_path, config), {})

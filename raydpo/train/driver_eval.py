@@ -41,6 +41,6 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
         reference = InWorkerReference(load_model(path, config).to(device), {})
     config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
-    loop_config = {"tokenizer": processing_class, "pad_token_id": text_tokenizer(processing_class).pad_token_id}
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)
-    return evaluate(policy, reference, rows, num_batches, config, loop_config)
+    return evaluate(policy, reference, rows, num_batches, config, processing_class,
+                    text_tokenizer(processing_class).pad_token_id)

@@ -1,7 +1,7 @@
 """The per-worker training loop: one readable DPO loop over this worker's shard.
 
-Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (see
-trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
+Runs inside each Ray Train worker. Everything it needs arrives as a `WorkerSpec` (spec.py, built by
+trainer.fit); nothing here knows about Ray Tune or the CLI.
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, ze
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
 from raydpo.train.startup import StartupClock
+from raydpo.train.spec import ResumeState, WorkerSpec
 
 
-def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
+def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
     """The reference mode, chosen once; the loop only uses the `Reference` interface (and, for TR-DPO,
     `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
-        return StreamedReference(loop_config["reference_pool"], config.stream_ref_prefetch_batches)
-    if loop_config.get("ref_model") is None and is_peft_model(engine.module):
+        return StreamedReference(spec.reference_pool, config.stream_ref_prefetch_batches)
+    if spec.ref_model is None and is_peft_model(engine.module):
         # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
         adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
         return PeftBaseReference(engine.module, adapter)
-    path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
+    path = reference_model_path(spec.model, spec.ref_model)
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
     return InWorkerReference(load_model(path, config), ds_config)
@@ -69,14 +70,15 @@ def dpo_step(engine, reference, batch: Batch, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
-def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> Batch:
+def make_batch(rows: list, config: DPOConfig, tokenizer, pad_token_id: int) -> Batch:
     """The chosen+rejected batch of these rows, LD-DPO weights included (a vision batch with its pixel values)."""
-    image_processor = getattr(loop_config["tokenizer"], "image_processor", None)
-    return collate(rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode, config.share_prompt,
+    image_processor = getattr(tokenizer, "image_processor", None)
+    return collate(rows, pad_token_id, config.max_length, config.truncation_mode, config.share_prompt,
                    image_processor, ld_alpha=config.ld_alpha)
 
 
-def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
+def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, tokenizer,
+             pad_token_id: int) -> dict:
     """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
     reference.before_eval(rows, size)  # streamed: scored once, at the first evaluation
@@ -86,7 +88,7 @@ def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig,
         # shard ran out repeats a batch that counts for nothing.
         for i in range(num_batches):
             chunk = rows[i * size:(i + 1) * size]
-            batch = make_batch(chunk or rows[:size], loop_config, config)
+            batch = make_batch(chunk or rows[:size], config, tokenizer, pad_token_id)
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             if chunk:
                 window.add(loss, per_pair, per_token, token_counts(batch))
@@ -119,54 +121,55 @@ def _setup_worker(config: DPOConfig):
 
 
 def train_loop_per_worker(loop_config: dict):
-    plan = loop_config["plan"]
-    config = resolve_ratios(DPOConfig(**loop_config["config"]), plan["total_steps"])
+    spec: WorkerSpec = loop_config["spec"]  # Ray Train's train_loop_config is {"spec": WorkerSpec}
+    plan = spec.plan
+    config = resolve_ratios(spec.dpo_config(), plan.total_steps)
     rank, world_size = _setup_worker(config)
     clock = StartupClock(rank)  # where start-up time goes (TrainOutput.startup)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
     rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
-    eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan["eval_batches"] else []
+    eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan.eval_batches else []
     lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
     clock.mark("data")
 
     ds_config = build_deepspeed_config(config, world_size)
     in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
-    reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
-    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
+    reference_adapter = continued_adapter(spec.model, spec.ref_model) if in_worker else None
+    policy = load_policy(spec.model, config, spec.peft_config, reference_adapter)
     clock.mark("model")
-    engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
+    engine = initialize_policy(policy, ds_config, config, plan.total_steps)
     clock.mark("deepspeed")
     config = fit_to_model(config, engine)
 
-    step, window, state = 0, MetricsWindow(), {}
+    step, window, state = 0, MetricsWindow(), ResumeState()
     ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
     resume_from = ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(
-        loop_config.get("resume_from_checkpoint"))
+        spec.resume_from_checkpoint)
     with resume_from as directory:
-        reference = build_reference(loop_config, config, ds_config, engine, directory)
+        reference = build_reference(spec, config, ds_config, engine, directory)
         if directory:
             state = checkpoint.restore(engine, directory, rank)
-            step, window.total_tokens = state["global_step"], state["num_tokens"]
-    early_stopping = EarlyStopping(config, state.get("early_stopping"))
+            step, window.total_tokens = state.global_step, state.num_tokens
+    early_stopping = EarlyStopping(config, state.early_stopping)
     clock.mark("reference")
 
     engine.train()
-    accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
+    accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan.steps_per_epoch
     window_started, window_start_step = time.perf_counter(), step
-    finished = step >= plan["total_steps"]
+    finished = step >= plan.total_steps
     if eval_rows and config.eval_on_start and not finished:
         # transformers' sanity check before training: logged, but not counted by early stopping
-        metrics = evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config)
-        _log(metrics, step, steps_per_epoch, rank, loop_config)
+        metrics = evaluate(engine, reference, eval_rows, plan.eval_batches, config, spec.tokenizer, spec.pad_token_id)
+        _log(metrics, step, steps_per_epoch, rank, spec)
         ray.train.report(metrics)
         window_started = time.perf_counter()
     while not finished:
         epoch = step // steps_per_epoch
-        order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
+        order = epoch_order(len(rows), plan.micro_batches_per_epoch, config.per_device_train_batch_size,
                             config.seed, epoch, lengths)
         first = (step - epoch * steps_per_epoch) * accumulation
         for micro, batch_rows in enumerate(reference.rows_ahead(rows, order[first:]), start=first):
-            batch = make_batch(batch_rows, loop_config, config)
+            batch = make_batch(batch_rows, config, spec.tokenizer, spec.pad_token_id)
             learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             _require_finite("loss", float(loss.detach()), step + 1)
@@ -180,12 +183,12 @@ def train_loop_per_worker(loop_config: dict):
                 continue
             step += 1
             clock.mark("first_step")
-            clock.send(loop_config["history"])
+            clock.send(spec.history)
             if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
                 reference.sync_from(engine.module, config.ref_model_mixup_alpha)
             grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
             _require_finite("grad_norm", float(grad_norm), step)
-            last = step == plan["total_steps"]
+            last = step == plan.total_steps
             metrics = {}
             if log_due(step, config, last):
                 metrics = window.reduce()
@@ -196,22 +199,22 @@ def train_loop_per_worker(loop_config: dict):
                     metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
             evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
             if evaluated:
-                metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config))
+                metrics.update(evaluate(engine, reference, eval_rows, plan.eval_batches, config, spec.tokenizer,
+                                        spec.pad_token_id))
                 last = early_stopping.update(metrics) or last
             if metrics:
-                _log(metrics, step, steps_per_epoch, rank, loop_config)
-            saved_state = {"global_step": step, "num_tokens": window.total_tokens,
-                           "early_stopping": early_stopping.state()}
+                _log(metrics, step, steps_per_epoch, rank, spec)
+            saved_state = ResumeState(step, window.total_tokens, early_stopping.state())
             saved = save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best)
             if saved:
-                _save_and_report(engine, rank, ds_config, loop_config, metrics, step, saved_state,
+                _save_and_report(engine, rank, ds_config, spec, metrics, step, saved_state,
                                  reference if config.sync_ref_model else None)
             elif metrics:
                 ray.train.report(metrics)
-            if (metrics or saved) and not last and _driver_stops(loop_config, step, rank):
+            if (metrics or saved) and not last and _driver_stops(spec, step, rank):
                 # a TrainerCallback set control.should_training_stop: this is the last step
                 if not saved and config.save_strategy != "no" and not config.load_best_model_at_end:
-                    _save_and_report(engine, rank, ds_config, loop_config, {}, step, saved_state,
+                    _save_and_report(engine, rank, ds_config, spec, {}, step, saved_state,
                                      reference if config.sync_ref_model else None)
                 last = True
             if metrics:
@@ -224,19 +227,19 @@ def train_loop_per_worker(loop_config: dict):
 SAVE_PREFIX = "raydpo-checkpoint-"  # local folder a checkpoint is written to before Ray Train takes it
 
 
-def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config: dict):
+def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, spec: WorkerSpec):
     """Stamp the metrics with the step and epoch; rank 0 records them (the driver prints them: progress.py)."""
     metrics.update(epoch=step / steps_per_epoch, global_step=step)
     if rank == 0:
-        ray.get(loop_config["history"].append.remote(metrics))
+        ray.get(spec.history.append.remote(metrics))
 
 
-def _driver_stops(loop_config: dict, step: int, rank: int) -> bool:
+def _driver_stops(spec: WorkerSpec, step: int, rank: int) -> bool:
     """With TrainerCallbacks on the driver: wait until it has delivered this step's events, and return
     whether one of them set control.should_training_stop. Every worker asks, so all stop together."""
-    if not loop_config.get("wait_for_driver"):
+    if not spec.wait_for_driver:
         return False
-    history = loop_config["history"]
+    history = spec.history
     if rank == 0:
         ray.get(history.end_step.remote(step))
     while True:
@@ -253,16 +256,16 @@ def _require_finite(name: str, value: float, step: int):
                                  f"latest checkpoint (before step {step}) is intact")
 
 
-def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state: dict, reference=None):
+def _save_and_report(engine, rank, ds_config, spec: WorkerSpec, metrics, step, state: ResumeState, reference=None):
     # Write, then publish: Ray Train makes it the latest checkpoint only after the whole folder is
     # written and copied to storage, so a kill mid-save leaves the previous one as the latest.
     with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX) as directory:
-        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"], state, reference)
+        checkpoint.save(engine, directory, rank, ds_config, spec.tokenizer, state, reference)
         ray.train.report(metrics or {"global_step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint-{step}")
-    if rank == 0 and loop_config.get("driver_events"):  # on_save (and hub_strategy="every_save") on the driver
-        ray.get(loop_config["history"].saved.remote(step))
+    if rank == 0 and spec.driver_events:  # on_save (and hub_strategy="every_save") on the driver
+        ray.get(spec.history.saved.remote(step))
 
 
 def _grad_norm(model) -> float:
