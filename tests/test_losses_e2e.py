@@ -42,7 +42,7 @@ def test_each_loss_type_trains_without_nan(tiny_model, parity_batches, name):
 
     from raydpo.reference import InWorkerReference
     from raydpo.data.batching import weighted
-    from raydpo.train.loop import dpo_step
+    from raydpo.train.step import dpo_step
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     reference = InWorkerReference(copy.deepcopy(policy), ds_config={})

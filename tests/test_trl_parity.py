@@ -20,7 +20,7 @@ from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
 from raydpo.model_loading import load_model
-from raydpo.train.loop import _grad_norm as grad_norm, dpo_step, make_batch
+from raydpo.train.step import dpo_step, grad_norm, make_batch
 from raydpo.train.metrics import MetricsWindow
 
 

@@ -1,5 +1,5 @@
 """`DPOTrainer.evaluate()`: DPO metrics of a policy on an eval set, in the driver's process, with the
-training workers' own batch, loss and metric code (`loop.evaluate`, `loop.dpo_step`)."""
+training workers' own batch, loss and metric code (`step.evaluate`, `step.dpo_step`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, 
 from raydpo.reference import InWorkerReference, PeftBaseReference
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
-from raydpo.train.loop import evaluate
+from raydpo.train.step import evaluate
 
 
 def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,

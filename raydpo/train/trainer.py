@@ -301,7 +301,7 @@ class DPOTrainer:
         checkpoint train() returned: the best one with load_best_model_at_end), else the initial one.
 
         It runs in this process (the driver), on one GPU with use_gpu (when the driver has one), else on
-        the CPU, with the training loop's own batch, loss and metric code (`loop.evaluate`), so it needs the
+        the CPU, with the training loop's own batch, loss and metric code (`step.evaluate`), so it needs the
         memory of the policy and the reference. Callbacks get on_log and on_evaluate."""
         from raydpo.train.driver_eval import evaluate_policy
 
