@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -41,11 +42,9 @@ def reference_model_path(model: str, ref_model: Optional[str]) -> str:
 
 
 def is_peft_model(module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(module, PeftModel)
+    # A PeftModel exists only once peft is imported: asking never imports it (seconds, for a plain model).
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(module, getattr(peft, "PeftModel", ()))
 
 
 def add_reference_adapter(peft_model, adapter_dir: str) -> None:
