@@ -22,7 +22,7 @@ from typing import Optional
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
 
 from raydpo.config import DPOConfig
-from raydpo.reference.peft_base import ADAPTER_CONFIG, is_adapter_dir
+from raydpo.model_loading import ADAPTER_CONFIG, is_adapter_dir
 
 CARD_KEYS = ("base_model", "training_data", "dpo_config", "metrics")
 # Where a run wrote its files and which cluster it used: local paths and addresses that say nothing

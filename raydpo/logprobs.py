@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from raydpo.data.images import IMAGE_INPUT
+from raydpo.data.batching import SHARED_PROMPT, Batch
+from raydpo.loss_weights import wpo_weights
 from raydpo.losses import PairLogps
 
 # Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
@@ -127,13 +127,13 @@ def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not o
         return False
 
 
-def _completion_view(model, batch: dict, router_logits: bool = False):
+def _completion_view(model, batch: Batch, router_logits: bool = False):
     """(logits, input_ids, completion_mask, weights, aux_loss) in `collate`'s [2B, ...] per-side layout,
     where logits[:, t] scores input_ids[:, t + 1]. Two ways to get there, both skipping logits no token needs:
 
     - standard batches: the LM head runs only from the first position any sequence scores (the
       prompt part is never scored; the head is most of a small model's FLOPs and a [N, T, V] tensor);
-      a vision batch's pixel values ("image:" keys) go to the same forward;
+      a vision batch's pixel values (`batch.images`) go to the same forward;
     - shared-prompt batches (`collate_shared_prompt`): the body runs once per pair, and the head only
       on the hidden states that predict a completion token, gathered into the per-side layout.
 
@@ -141,16 +141,15 @@ def _completion_view(model, batch: dict, router_logits: bool = False):
     TRL asks for it) over the batch's attention mask; aux_loss is None otherwise. Standard batches only:
     a shared-prompt batch routes other tokens than TRL's layout does.
     """
-    if "gather_index" in batch:
+    if batch.layout == SHARED_PROMPT:
         if router_logits:
             raise ValueError("an MoE load-balancing loss needs the two-sequence layout (share_prompt=False)")
-        return _shared_prompt_logits(model, batch), batch["side_input_ids"], batch["side_completion_mask"], \
-            batch.get("logp_weights"), None
-    input_ids, completion_mask, weights = batch["input_ids"], batch["completion_mask"], batch.get("logp_weights")
+        return _shared_prompt_logits(model, batch), batch.side_input_ids, batch.completion_mask, \
+            batch.logp_weights, None
+    input_ids, completion_mask, weights = batch.input_ids, batch.completion_mask, batch.logp_weights
     scored = completion_mask[:, 1:].any(0)
     first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
-    kwargs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "use_cache": False,
-              **{name[len(IMAGE_INPUT):]: value for name, value in batch.items() if name.startswith(IMAGE_INPUT)}}
+    kwargs = {"input_ids": input_ids, "attention_mask": batch.attention_mask, "use_cache": False, **batch.images}
     if first > 0 and _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
     else:
@@ -170,7 +169,7 @@ def _unwrapped(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
 
 
-def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
+def _shared_prompt_logits(model, batch: Batch) -> torch.Tensor:
     """[2B, L, V] logits of the gathered positions. The model runs as usual (through its DeepSpeed
     engine, so ZeRO-3 gathering and autocast apply) with logits_to_keep=1; a hook takes the body's
     final hidden states, and the LM head then runs on the gathered rows only."""
@@ -178,12 +177,12 @@ def _shared_prompt_logits(model, batch: dict) -> torch.Tensor:
     captured = []
     hook = inner.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch["position_ids"], use_cache=False, logits_to_keep=1)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     hidden = captured[-1]
-    picked = hidden.reshape(-1, hidden.shape[-1])[batch["gather_index"]]
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
     return inner.get_output_embeddings()(picked)
 
 
@@ -202,36 +201,22 @@ def shares_prompt_safely(model) -> bool:
             and all(value in (None, 1, 1.0) for value in extras))
 
 
-def model_completion_logps(model, batch: dict) -> torch.Tensor:
-    """One forward over the [2B, T] chosen+rejected batch; sequence log-probs [2B].
+def model_completion_logps(model, batch: Batch) -> torch.Tensor:
+    """One forward over the chosen+rejected batch; sequence log-probs [2B].
 
-    A batch may carry `logp_weights` (see `ld_weights`); the reference must use the same weights as
-    the policy, and reads them from the batch."""
+    A batch may carry `logp_weights` (LD-DPO, `loss_weights.ld_weights`); the reference must use the
+    same weights as the policy, and reads them from the batch."""
     logits, input_ids, completion_mask, weights, _ = _completion_view(model, batch)
     return completion_logps(logits, input_ids, completion_mask, weights=weights)
 
 
-def model_completion_stats(model, batch: dict, wpo: bool = False, router_logits: bool = False) -> CompletionStats:
+def model_completion_stats(model, batch: Batch, wpo: bool = False, router_logits: bool = False) -> CompletionStats:
     """The policy's forward: sequence log-probs and the token metrics, in one chunked pass (and with
     router_logits an MoE model's load-balancing loss)."""
     logits, input_ids, completion_mask, weights, aux_loss = _completion_view(model, batch, router_logits)
     stats = completion_stats(logits, input_ids, completion_mask, weights=weights, metrics=True, wpo=wpo)
     stats.aux_loss = aux_loss
     return stats
-
-
-def ld_weights(completion_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
-    """LD-DPO token weights for a [2B, T] chosen+rejected batch, aligned with input_ids.
-
-    Within a pair, the first min(len_chosen, len_rejected) scored tokens of each completion count
-    fully; the longer completion's remaining ("verbose") tokens count ld_alpha times."""
-    scored = completion_mask[:, 1:].float()
-    position = scored.cumsum(1)
-    chosen, rejected = scored.sum(1).chunk(2)
-    shared = torch.minimum(chosen, rejected).repeat(2)
-    tail = torch.full_like(scored, ld_alpha)
-    weights = scored * torch.where(position <= shared[:, None], torch.ones_like(scored), tail)
-    return F.pad(weights, (1, 0))  # position 0 is never scored
 
 
 def pair_logps(policy: CompletionStats, ref_logps: torch.Tensor, completion_mask: torch.Tensor,
@@ -242,11 +227,7 @@ def pair_logps(policy: CompletionStats, ref_logps: torch.Tensor, completion_mask
     # ipo and sigmoid_norm divide by the completion mask's count, not the scored count, as TRL does;
     # they differ only when keep_end truncation puts a completion token at position 0.
     chosen_tokens, rejected_tokens = completion_mask.sum(1).float().chunk(2)
-    weights = None
-    if use_weighting:
-        # WPO (Eq. 2): exp of the mean over completion tokens of log p_t - log sum_v p_v^2, chosen * rejected
-        w_chosen, w_rejected = torch.exp(policy.wpo / policy.tokens.clamp(min=1)).chunk(2)
-        weights = w_chosen * w_rejected
+    weights = wpo_weights(policy.wpo, policy.tokens) if use_weighting else None
     return PairLogps(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
                      chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
                      sft_logps=policy.token_logps.chunk(2)[0], sft_tokens=policy.tokens.chunk(2)[0],

@@ -1,5 +1,7 @@
+import dataclasses
+
 from raydpo.data.batching import epoch_order, micro_batches_per_epoch
-from raydpo.train.trainer import training_plan
+from raydpo.train.spec import training_plan
 from raydpo import DPOConfig
 
 
@@ -35,5 +37,5 @@ def test_plan_rounds_up_to_whole_steps():
     assert micro_batches_per_epoch(num_rows=9, world_size=2, batch_size=2, accumulation=2) == 4
     plan = training_plan(9, DPOConfig(num_workers=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                       num_train_epochs=1.5))
-    assert plan == {"micro_batches_per_epoch": 4, "steps_per_epoch": 2, "total_steps": 3, "eval_batches": 0}
-    assert training_plan(9, DPOConfig(max_steps=7))["total_steps"] == 7
+    assert dataclasses.asdict(plan) == {"micro_batches_per_epoch": 4, "steps_per_epoch": 2, "total_steps": 3, "eval_batches": 0}
+    assert training_plan(9, DPOConfig(max_steps=7)).total_steps == 7

@@ -1,6 +1,8 @@
+import dataclasses
+
 import torch
 
-from raydpo.data.batching import collate
+from raydpo.data.batching import SHARED_PROMPT, collate
 from raydpo.logprobs import completion_logps
 
 
@@ -21,9 +23,9 @@ def test_prompt_and_padding_contribute_nothing():
             {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
     batch = collate(rows, pad_token_id=0)
     torch.manual_seed(0)
-    logits = torch.randn(*batch["input_ids"].shape, 11)
-    expected = direct_logps(logits, batch["input_ids"], batch["completion_mask"])
-    got = completion_logps(logits, batch["input_ids"], batch["completion_mask"], chunk_size=2)
+    logits = torch.randn(*batch.input_ids.shape, 11)
+    expected = direct_logps(logits, batch.input_ids, batch.completion_mask)
+    got = completion_logps(logits, batch.input_ids, batch.completion_mask, chunk_size=2)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
     # Changing logits at prompt-predicting or padded positions must not move the result.
@@ -31,20 +33,20 @@ def test_prompt_and_padding_contribute_nothing():
     poked[0, 0] += 100.0  # predicts prompt token 5 of row 0
     poked[2, -1] += 100.0  # row 2 (rejected of pair 0) is full length; row 0 ends in padding
     poked[0, -1] += 100.0  # padding position of row 0
-    torch.testing.assert_close(completion_logps(poked, batch["input_ids"], batch["completion_mask"]), got)
+    torch.testing.assert_close(completion_logps(poked, batch.input_ids, batch.completion_mask), got)
 
 
 def test_collate_layout_and_truncation():
     rows = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2]}]
     batch = collate(rows, pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 0, 0], [1, 5, 6, 8, 9, 9, 2]]  # chosen first
-    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert batch.input_ids.tolist() == [[1, 5, 6, 7, 2, 0, 0], [1, 5, 6, 8, 9, 9, 2]]  # chosen first
+    assert batch.completion_mask.tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1] * 7]
     start = collate(rows, pad_token_id=0, max_length=5, truncation_mode="keep_start")
-    assert start["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 5, 6, 8, 9]]
+    assert start.input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 5, 6, 8, 9]]
     end = collate(rows, pad_token_id=0, max_length=4, truncation_mode="keep_end")
-    assert end["input_ids"].tolist() == [[5, 6, 7, 2], [8, 9, 9, 2]]
-    assert end["completion_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert end.input_ids.tolist() == [[5, 6, 7, 2], [8, 9, 9, 2]]
+    assert end.completion_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
 
 def test_model_forward_skips_the_shared_prompt_and_changes_nothing(tiny_model):
@@ -65,11 +67,11 @@ def test_model_forward_skips_the_shared_prompt_and_changes_nothing(tiny_model):
     cut.logps.sum().backward()
     cut_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    full_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    full = completion_stats(full_logits, batch["input_ids"], batch["completion_mask"], metrics=True)
+    full_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    full = completion_stats(full_logits, batch.input_ids, batch.completion_mask, metrics=True)
     full.logps.sum().backward()
 
-    assert seen[0] == batch["input_ids"].shape[1] - 3  # positions 0-2 predict prompt tokens of every row
+    assert seen[0] == batch.input_ids.shape[1] - 3  # positions 0-2 predict prompt tokens of every row
     for name in ("logps", "entropy", "mean_logits", "correct", "tokens"):
         torch.testing.assert_close(getattr(cut, name), getattr(full, name), rtol=1e-5, atol=1e-5)
     for mine, reference in zip(cut_grads, (p.grad for p in model.parameters())):
@@ -83,7 +85,8 @@ def test_shared_prompt_layout_equals_two_sequences(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from raydpo.data.batching import token_counts
-    from raydpo.logprobs import ld_weights, model_completion_stats
+    from raydpo.logprobs import model_completion_stats
+    from raydpo.loss_weights import ld_weights
 
     rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
             {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
@@ -91,18 +94,18 @@ def test_shared_prompt_layout_equals_two_sequences(tiny_model):
 
     def run(batch):
         model.zero_grad()
-        batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], 0.5)}
+        batch = dataclasses.replace(batch, logp_weights=ld_weights(batch.completion_mask, 0.5))
         stats = model_completion_stats(model, batch)
         (stats.logps.sum() + stats.token_logps.sum()).backward()
         return stats, [p.grad.clone() for p in model.parameters()]
 
     two = collate(rows, pad_token_id=0, max_length=9)
     shared = collate(rows, pad_token_id=0, max_length=9, share_prompt=True)
-    assert "gather_index" in shared and shared["input_ids"].shape[0] == 2
+    assert shared.layout == SHARED_PROMPT and shared.gather_index is not None and shared.input_ids.shape[0] == 2
     assert token_counts(shared)[0] == token_counts(two)[0]  # TRL's count: prompts counted twice
     (a, grads_a), (b, grads_b) = run(two), run(shared)
     for name in ("logps", "token_logps", "tokens", "entropy", "mean_logits", "correct"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
     for x, y in zip(grads_a, grads_b):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
-    assert "gather_index" not in collate(rows, 0, max_length=6, truncation_mode="keep_end", share_prompt=True)
+    assert collate(rows, 0, max_length=6, truncation_mode="keep_end", share_prompt=True).gather_index is None

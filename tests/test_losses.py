@@ -8,7 +8,8 @@ import torch
 
 from raydpo import DPOConfig
 from raydpo.data.batching import collate
-from raydpo.logprobs import completion_logps, completion_stats, ld_weights, pair_logps
+from raydpo.logprobs import completion_logps, completion_stats, pair_logps
+from raydpo.loss_weights import ld_weights
 from raydpo.losses import LOSSES, PairLogps, dpo_loss
 
 # Four pairs: summed log-probs of policy and reference, and completion lengths (chosen, rejected).
@@ -175,7 +176,7 @@ ROWS = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9
 def batch_and_logits(seed=0, vocab=11):
     batch = collate(ROWS, pad_token_id=0)
     torch.manual_seed(seed)
-    return batch, torch.randn(*batch["input_ids"].shape, vocab, dtype=torch.float64)
+    return batch, torch.randn(*batch.input_ids.shape, vocab, dtype=torch.float64)
 
 
 def token_logps(logits, input_ids, completion_mask):
@@ -190,7 +191,7 @@ def token_logps(logits, input_ids, completion_mask):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_ld_alpha_weights_the_longer_tail(alpha):
     batch, logits = batch_and_logits()
-    per_token = token_logps(logits, batch["input_ids"], batch["completion_mask"])
+    per_token = token_logps(logits, batch.input_ids, batch.completion_mask)
     pairs = len(ROWS)
     want = []
     for side in (0, 1):
@@ -198,22 +199,22 @@ def test_ld_alpha_weights_the_longer_tail(alpha):
             tokens = per_token[side * pairs + i]
             shared = min(len(per_token[i]), len(per_token[pairs + i]))
             want.append(sum(tokens[:shared]) + alpha * sum(tokens[shared:]))
-    weights = ld_weights(batch["completion_mask"], alpha)
-    got = completion_logps(logits, batch["input_ids"], batch["completion_mask"], chunk_size=2, weights=weights)
+    weights = ld_weights(batch.completion_mask, alpha)
+    got = completion_logps(logits, batch.input_ids, batch.completion_mask, chunk_size=2, weights=weights)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-9)
 
 
 def test_wpo_weights_from_logits():
     batch, logits = batch_and_logits(seed=1)
-    stats = completion_stats(logits, batch["input_ids"], batch["completion_mask"], wpo=True, chunk_size=3)
-    x = pair_logps(stats, stats.logps.detach(), batch["completion_mask"], use_weighting=True)
+    stats = completion_stats(logits, batch.input_ids, batch.completion_mask, wpo=True, chunk_size=3)
+    x = pair_logps(stats, stats.logps.detach(), batch.completion_mask, use_weighting=True)
     seq = []
-    for b in range(batch["input_ids"].shape[0]):
+    for b in range(batch.input_ids.shape[0]):
         terms = []
-        for t in range(1, batch["input_ids"].shape[1]):
-            if batch["completion_mask"][b, t]:
+        for t in range(1, batch.input_ids.shape[1]):
+            if batch.completion_mask[b, t]:
                 p = torch.softmax(logits[b, t - 1], -1)
-                terms.append(math.log(p[batch["input_ids"][b, t]].item()) - math.log((p ** 2).sum().item()))
+                terms.append(math.log(p[batch.input_ids[b, t]].item()) - math.log((p ** 2).sum().item()))
         seq.append(math.exp(sum(terms) / len(terms)))
     pairs = len(ROWS)
     want = [seq[i] * seq[pairs + i] for i in range(pairs)]
@@ -224,10 +225,10 @@ def test_wpo_weights_from_logits():
 def test_pair_inputs_for_sft_and_length_normalized_losses():
     batch, logits = batch_and_logits()
     logits.requires_grad_(True)
-    stats = completion_stats(logits, batch["input_ids"], batch["completion_mask"], metrics=True)
-    x = pair_logps(stats, stats.logps.detach(), batch["completion_mask"])
+    stats = completion_stats(logits, batch.input_ids, batch.completion_mask, metrics=True)
+    x = pair_logps(stats, stats.logps.detach(), batch.completion_mask)
     assert x.chosen_tokens.tolist() == [2, 4, 3] and x.rejected_tokens.tolist() == [4, 2, 3]
-    per_token = token_logps(logits.detach(), batch["input_ids"], batch["completion_mask"])
+    per_token = token_logps(logits.detach(), batch.input_ids, batch.completion_mask)
     chosen_tokens = [t for seq in per_token[:len(ROWS)] for t in seq]
     sft = LOSSES["sft"](x, DPOConfig(loss_type="sft"))
     assert sft[0].item() == pytest.approx(-sum(chosen_tokens) / len(chosen_tokens), rel=1e-9)
@@ -237,10 +238,10 @@ def test_chunked_gradient_equals_plain_log_softmax():
     batch, logits = batch_and_logits(seed=2)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.25, -1.0], dtype=torch.float64)
     a = logits.clone().requires_grad_(True)
-    (completion_logps(a, batch["input_ids"], batch["completion_mask"], chunk_size=2) * weights).sum().backward()
+    (completion_logps(a, batch.input_ids, batch.completion_mask, chunk_size=2) * weights).sum().backward()
     b = logits.clone().requires_grad_(True)
-    plain = torch.log_softmax(b[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    ((plain * batch["completion_mask"][:, 1:]).sum(1) * weights).sum().backward()
+    plain = torch.log_softmax(b[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    ((plain * batch.completion_mask[:, 1:]).sum(1) * weights).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
 
 

@@ -41,7 +41,8 @@ def test_each_loss_type_trains_without_nan(tiny_model, parity_batches, name):
     from transformers import AutoModelForCausalLM
 
     from raydpo.reference import InWorkerReference
-    from raydpo.train.loop import dpo_step
+    from raydpo.data.batching import weighted
+    from raydpo.train.step import dpo_step
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     reference = InWorkerReference(copy.deepcopy(policy), ds_config={})
@@ -49,7 +50,7 @@ def test_each_loss_type_trains_without_nan(tiny_model, parity_batches, name):
     for options in option_sets(name):
         config = DPOConfig(loss_type=name, **options)
         for batch in parity_batches:
-            loss, per_pair, per_token = dpo_step(policy, reference, batch, config)
+            loss, per_pair, per_token = dpo_step(policy, reference, weighted(batch, config.ld_alpha), config)
             assert torch.isfinite(loss), (name, options)
             optimizer.zero_grad()
             loss.backward()

@@ -18,7 +18,7 @@ ROWS = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9
 
 def direct_token_metrics(logits, batch):
     """TRL's definitions, token by token."""
-    ids, mask = batch["input_ids"], batch["completion_mask"]
+    ids, mask = batch.input_ids, batch.completion_mask
     half = ids.shape[0] // 2
     entropy, tokens, correct, logit_sums, side_tokens = 0.0, 0, 0, [0.0, 0.0], [0, 0]
     for b in range(ids.shape[0]):
@@ -46,12 +46,12 @@ def ratios(per_token):
 def test_token_metrics_match_definition(chunk_size):
     batch = collate(ROWS, pad_token_id=0)
     torch.manual_seed(0)
-    logits = torch.randn(*batch["input_ids"].shape, 11)
+    logits = torch.randn(*batch.input_ids.shape, 11)
     # Make the label of chosen row 0's first completion token tie with an earlier token: counts as wrong.
     logits[0, 2, 7] = logits[0, 2, 3] = logits[0, 2].max() + 1.0
     # And chosen row 1's first completion token the argmax outright: counts as right.
     logits[1, 1, 7] = logits[1, 1].max() + 1.0
-    stats = completion_stats(logits, batch["input_ids"], batch["completion_mask"], metrics=True, chunk_size=chunk_size)
+    stats = completion_stats(logits, batch.input_ids, batch.completion_mask, metrics=True, chunk_size=chunk_size)
     got, want = ratios(token_metrics(stats)), direct_token_metrics(logits, batch)
     assert got == pytest.approx(want, rel=1e-5)
 
@@ -59,8 +59,8 @@ def test_token_metrics_match_definition(chunk_size):
 def test_bf16_logits_are_scored_in_float32():
     batch = collate(ROWS, pad_token_id=0)
     torch.manual_seed(1)
-    logits = torch.randn(*batch["input_ids"].shape, 11).bfloat16()
-    stats = completion_stats(logits, batch["input_ids"], batch["completion_mask"], metrics=True, chunk_size=2)
+    logits = torch.randn(*batch.input_ids.shape, 11).bfloat16()
+    stats = completion_stats(logits, batch.input_ids, batch.completion_mask, metrics=True, chunk_size=2)
     assert stats.logps.dtype == torch.float32
     assert ratios(token_metrics(stats)) == pytest.approx(direct_token_metrics(logits.float(), batch), rel=1e-5)
 

@@ -84,8 +84,8 @@ def test_a_peft_model_ships_as_its_adapter_folder(tiny_model, parity_rows, tmp_p
     from raydpo.data.batching import collate
     from raydpo.data.tokenize import tokenize_row
     from raydpo.logprobs import model_completion_logps
-    from raydpo.reference.peft_base import adapter_base, is_adapter_dir
-    from raydpo.train.loop import load_policy
+    from raydpo.model_loading import adapter_base, is_adapter_dir
+    from raydpo.model_loading import load_policy
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

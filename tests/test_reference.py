@@ -10,10 +10,11 @@ import torch
 
 from raydpo import DPOConfig, DPOTrainer
 from raydpo.data.batching import collate
-from raydpo.logprobs import ld_weights, model_completion_logps
+from raydpo.logprobs import model_completion_logps
+from raydpo.loss_weights import ld_weights
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference
 from raydpo.reference.precompute import ReferenceLogps
-from raydpo.train.loop import load_model, load_policy
+from raydpo.model_loading import load_model, load_policy
 
 
 def tokenized_rows(model_dir, rows):
@@ -58,9 +59,9 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raydpo.reference.peft_base import REF_ADAPTER
+    from raydpo.model_loading import REF_ADAPTER
     from raydpo.train.deepspeed import param_groups
-    from raydpo.train.loop import continued_adapter
+    from raydpo.model_loading import continued_adapter
 
     adapter = str(tmp_path / "adapter")
     trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora(init_lora_weights=False))
@@ -130,7 +131,7 @@ def test_actor_logps_equal_the_in_worker_reference(tiny_model, parity_rows, ld_a
     for part in (slice(0, 4), slice(4, 10)):
         batch = collate(scored[part], pad, 12)
         if ld_alpha is not None:
-            batch["logp_weights"] = ld_weights(batch["completion_mask"], ld_alpha)
+            batch.logp_weights = ld_weights(batch.completion_mask, ld_alpha)
         expected = reference.logps(batch)
         got = PrecomputedReference().logps(batch)
         assert torch.allclose(got, expected, atol=1e-5, rtol=0)
@@ -226,7 +227,7 @@ def test_streamed_reference_prefetches_ahead(ray_session, tiny_model, parity_row
         assert sent == [2, 2, 2, 2]
         got = [r[column] for r in rows for column in ("ref_chosen_logps", "ref_rejected_logps")]
         assert got == pytest.approx(expected, abs=1e-5)  # scored in batches of 2 instead of 8: other padding
-        reference.fill(rows, 3)  # every row carries its values: nothing is scored again
+        reference.before_eval(rows, 3)  # every row carries its values: nothing is scored again
         assert [len(b) for b in reference.rows_ahead(rows, [[0, 1, 2]])] == [3]
         assert sum(sent) == 8
     finally:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from raydpo import DPOConfig, DPOTrainer
-from raydpo.train.loop import SAVE_PREFIX
+from raydpo.train.run_context import SAVE_PREFIX
 
 
 def config(path, **overrides):

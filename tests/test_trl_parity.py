@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from raydpo import DPOConfig
-from raydpo.data.batching import collate, token_counts
+from raydpo.data.batching import SHARED_PROMPT, token_counts
 from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
-from raydpo.train.loop import _grad_norm, dpo_step, load_model
+from raydpo.model_loading import load_model
+from raydpo.train.step import dpo_step, grad_norm, make_batch
 from raydpo.train.metrics import MetricsWindow
 
 
@@ -72,16 +73,15 @@ def raydpo_first_step(model_path, ref_path, rows, options) -> dict:
 
     config = DPOConfig(max_length=32, per_device_train_batch_size=len(rows), **options)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = collate([tokenize_row(tokenizer, row) for row in rows], tokenizer.pad_token_id, config.max_length,
-                    share_prompt=config.share_prompt)
-    assert ("gather_index" in batch) == config.share_prompt
+    batch = make_batch([tokenize_row(tokenizer, row) for row in rows], config, tokenizer, tokenizer.pad_token_id)
+    assert (batch.layout == SHARED_PROMPT) == config.share_prompt
     policy = load_model(model_path, config)
     reference = InWorkerReference(load_model(ref_path, config), {})
     loss, per_pair, per_token = dpo_step(policy, reference, batch, config)
     loss.backward()
     window = MetricsWindow()
     window.add(loss, per_pair, per_token, token_counts(batch))
-    return {**window.reduce(), "grad_norm": _grad_norm(policy)}
+    return {**window.reduce(), "grad_norm": grad_norm(policy)}
 
 
 @pytest.mark.parametrize("options", list(cases()), ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
@@ -234,7 +234,7 @@ def test_router_aux_loss_coef_follows_trl(tiny_model, tiny_moe_model, parity_row
 
     from raydpo import DPOTrainer
     from raydpo.losses import router_aux_loss_coef
-    from raydpo.train.loop import fit_to_model
+    from raydpo.model_loading import fit_to_model
 
     moe, dense = AutoConfig.from_pretrained(tiny_moe_model), AutoConfig.from_pretrained(tiny_model)
     assert router_aux_loss_coef(moe, None) == moe.router_aux_loss_coef == 0.001  # Mixtral's default

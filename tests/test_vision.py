@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from raydpo import DPOConfig, DPOTrainer
-from raydpo.data.batching import collate
+from raydpo.data.batching import PADDED, collate
 from raydpo.data.formats import RowError, normalize
-from raydpo.data.images import IMAGE_INPUT
 from raydpo.data.sources import json_row, raw_rows
 from raydpo.data.tokenize import tokenize_pair
 from raydpo.logprobs import model_completion_logps
 from raydpo.tasks import colour_image as image
 from raydpo.tasks import colour_pairs as colour_rows
-from raydpo.train.loop import load_model
+from raydpo.model_loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +83,17 @@ def test_tokenization_and_pixel_values_match_trl(tiny_vlm, conversational, token
     assert all(bool(t["prompt_token_types"]) == token_types for t in tokenized)
     ours = collate(tokenized, processor.tokenizer.pad_token_id, None, share_prompt=True,
                    image_processor=processor.image_processor)
-    assert "gather_index" not in ours  # rows with images are never packed into shared-prompt sequences
+    assert ours.layout == PADDED and ours.gather_index is None  # rows with images are never packed into shared-prompt sequences
     for i in range(2 * len(rows)):
         keep = theirs["attention_mask"][i].bool()
-        assert ours["input_ids"][i][ours["attention_mask"][i].bool()].tolist() == theirs["input_ids"][i][keep].tolist()
-        assert ours["completion_mask"][i][ours["attention_mask"][i].bool()].tolist() == \
+        assert ours.input_ids[i][ours.attention_mask[i].bool()].tolist() == theirs["input_ids"][i][keep].tolist()
+        assert ours.completion_mask[i][ours.attention_mask[i].bool()].tolist() == \
             theirs["completion_mask"][i][keep].tolist()
-    assert torch.equal(ours[IMAGE_INPUT + "pixel_values"], theirs["pixel_values"])  # chosen's images, then rejected's
-    assert (IMAGE_INPUT + "mm_token_type_ids" in ours) == token_types == ("mm_token_type_ids" in theirs)
+    assert torch.equal(ours.images["pixel_values"], theirs["pixel_values"])  # chosen's images, then rejected's
+    assert ("mm_token_type_ids" in ours.images) == token_types == ("mm_token_type_ids" in theirs)
     if token_types:
         for i in range(2 * len(rows)):
-            types = ours[IMAGE_INPUT + "mm_token_type_ids"][i][ours["attention_mask"][i].bool()]
+            types = ours.images["mm_token_type_ids"][i][ours.attention_mask[i].bool()]
             assert types.tolist() == theirs["mm_token_type_ids"][i][theirs["attention_mask"][i].bool()].tolist()
             assert types.sum() == 16  # one per image token
 

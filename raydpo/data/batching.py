@@ -7,11 +7,51 @@ resumed run neither repeats nor skips one.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from raydpo.data.images import IMAGE_INPUT, image_inputs, num_images
+from raydpo.data.images import image_inputs, num_images
+from raydpo.loss_weights import ld_weights
+
+PADDED = "padded"  # [2B, T]: every prompt+chosen sequence, then every prompt+rejected one (`collate`)
+SHARED_PROMPT = "shared_prompt"  # [B, S]: one prompt+chosen+rejected sequence per pair (`collate_shared_prompt`)
+
+
+@dataclass
+class Batch:
+    """One micro-batch of B pairs as model inputs, built on the CPU (`collate`), moved with `.to(device)`.
+
+    Whatever the layout, the log-probs are read per side, [2B, L] with chosen rows first:
+    `completion_mask` marks the scored tokens of `scored_ids` (input_ids itself in the padded layout).
+    """
+
+    layout: str  # PADDED or SHARED_PROMPT
+    input_ids: torch.Tensor  # what the model reads: [2B, T] padded, [B, S] shared_prompt
+    attention_mask: torch.Tensor  # [2B, T] padded; [B, 1, S, S] boolean shared_prompt (rejected skips chosen)
+    completion_mask: torch.Tensor  # [2B, L]: 1 on completion tokens, aligned with scored_ids
+    num_tokens: int  # tokens as TRL counts them (chosen and rejected sequences' non-pad tokens: prompts twice)
+    num_filled: int  # positions of input_ids that hold a token
+    position_ids: Optional[torch.Tensor] = None  # shared_prompt: rejected positions restart after the prompt
+    gather_index: Optional[torch.Tensor] = None  # shared_prompt: [2B, L - 1] flat positions predicting each token
+    side_input_ids: Optional[torch.Tensor] = None  # shared_prompt: [2B, L] each side's tokens, one leading slot
+    images: Dict[str, torch.Tensor] = field(default_factory=dict)  # padded: the image processor's forward inputs
+    ref_logps: Optional[torch.Tensor] = None  # [2B] float64 precomputed reference log-probs, chosen first
+    logp_weights: Optional[torch.Tensor] = None  # LD-DPO token weights, aligned with completion_mask
+
+    @property
+    def scored_ids(self) -> torch.Tensor:
+        """[2B, L] the tokens completion_mask marks, per side (chosen rows first)."""
+        return self.side_input_ids if self.layout == SHARED_PROMPT else self.input_ids
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), torch.Tensor)},
+            images={name: value.to(device) for name, value in self.images.items()})
 
 
 def micro_batches_per_epoch(num_rows: int, world_size: int, batch_size: int, accumulation: int) -> int:
@@ -61,17 +101,19 @@ def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> l
 
 
 def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
-            truncation_mode: str = "keep_start", share_prompt: bool = False, image_processor=None) -> dict:
+            truncation_mode: str = "keep_start", share_prompt: bool = False, image_processor=None,
+            ld_alpha: Optional[float] = None) -> Batch:
     """Pad prompt+chosen and prompt+rejected into one [2B, T] batch (chosen first), right-padded,
     each sequence truncated on its own.
 
     completion_mask is 1 on completion tokens only: prompt and padding never enter the log-probs.
     Rows with ref_chosen_logps / ref_rejected_logps add `ref_logps` [2B] (chosen first).
     share_prompt: the shared-prompt layout of `collate_shared_prompt` when the batch allows it.
-    Rows with images add the image processor's outputs as "image:<name>" (images.image_inputs).
+    Rows with images add the image processor's outputs to `images` (images.image_inputs).
+    ld_alpha: LD-DPO's token weights (`loss_weights.ld_weights`), which policy and reference both read.
     """
     if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
-        return collate_shared_prompt(rows, pad_token_id, max_length)
+        return weighted(collate_shared_prompt(rows, pad_token_id, max_length), ld_alpha)
     # e.g. Qwen2.5-VL's mm_token_type_ids: the processor's types for a vision prompt, 0 for text
     types_key = next((row["token_types_key"] for row in rows if row.get("token_types_key")), None)
     sequences, completion_masks, token_types = [], [], []
@@ -92,32 +134,39 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1
         completion_mask[i, : len(seq)] = torch.tensor(mask, dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-             **image_inputs(rows, image_processor)}
+    images = image_inputs(rows, image_processor)
     if types_key:  # passed to the forward like the pixel values
         types = torch.zeros_like(input_ids)
         for i, values in enumerate(token_types):
             types[i, :len(values)] = torch.tensor(values, dtype=torch.long)
-        batch[IMAGE_INPUT + types_key] = types
-    return _with_reference_columns(batch, rows)
+        images[types_key] = types
+    tokens = int(attention_mask.sum())
+    batch = Batch(PADDED, input_ids, attention_mask, completion_mask, num_tokens=tokens, num_filled=tokens,
+                  images=images, ref_logps=_reference_column(rows))
+    return weighted(batch, ld_alpha)
 
 
-def _with_reference_columns(batch: dict, rows: Sequence[dict]) -> dict:
+def weighted(batch: Batch, ld_alpha: Optional[float]) -> Batch:
+    """The batch with LD-DPO's token weights for ld_alpha (None: unweighted, the batch itself)."""
+    if ld_alpha is None:
+        return batch
+    # the policy and the reference both read them from the batch, so they weight tokens alike
+    return dataclasses.replace(batch, logp_weights=ld_weights(batch.completion_mask, ld_alpha))
+
+
+def _reference_column(rows: Sequence[dict]) -> Optional[torch.Tensor]:
     """Precomputed reference log-probs (raydpo.reference.precompute) ride along, chosen first like the rows."""
     if rows and all(row.get("ref_chosen_logps") is not None and row.get("ref_rejected_logps") is not None
                     for row in rows):
-        batch["ref_logps"] = torch.tensor([float(row["ref_chosen_logps"]) for row in rows]
-                                          + [float(row["ref_rejected_logps"]) for row in rows], dtype=torch.float64)
-    return batch
+        return torch.tensor([float(row["ref_chosen_logps"]) for row in rows]
+                            + [float(row["ref_rejected_logps"]) for row in rows], dtype=torch.float64)
+    return None
 
 
-def token_counts(batch: dict) -> tuple:
+def token_counts(batch: Batch) -> tuple:
     """(tokens as TRL counts them: the chosen and rejected sequences' non-pad tokens, so prompts twice;
     positions the batch fills with tokens; positions in all)."""
-    if "num_tokens" in batch:  # the shared-prompt layout says so itself
-        return int(batch["num_tokens"]), int(batch["num_filled"]), int(batch["input_ids"].numel())
-    tokens = int(batch["attention_mask"].sum())
-    return tokens, tokens, batch["attention_mask"].numel()
+    return batch.num_tokens, batch.num_filled, batch.input_ids.numel()
 
 
 def can_share_prompt(rows: Sequence[dict], max_length: Optional[int], truncation_mode: str) -> bool:
@@ -130,7 +179,7 @@ def can_share_prompt(rows: Sequence[dict], max_length: Optional[int], truncation
                for row in rows)
 
 
-def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None) -> dict:
+def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None) -> Batch:
     """One sequence per pair, prompt + chosen + rejected, so the prompt is computed once, not twice.
 
     The attention mask [B, 1, S, S] is causal except that rejected tokens do not see chosen ones, and
@@ -140,7 +189,7 @@ def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: O
     The log-probs are read in a per-side layout [2B, L] (chosen rows first, like `collate`):
     `gather_index` picks, for each scored completion token, the flat [B * S] position whose hidden
     state predicts it (the first chosen and the first rejected token are both predicted by the last
-    prompt token); `side_input_ids` / `side_completion_mask` [2B, L + 1] are those tokens with one
+    prompt token); `side_input_ids` / `completion_mask` [2B, L + 1] are those tokens with one
     leading slot, shaped like `collate`'s input_ids / completion_mask so the same code scores them.
     """
     pieces = []
@@ -175,9 +224,8 @@ def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: O
         for side, tokens in ((i, chosen), (n + i, rejected)):
             side_input_ids[side, 1:1 + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             side_completion_mask[side, 1:1 + len(tokens)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
-             "gather_index": gather_index, "side_input_ids": side_input_ids,
-             "side_completion_mask": side_completion_mask, "completion_mask": side_completion_mask,
-             "num_tokens": torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in pieces)),
-             "num_filled": torch.tensor(sum(len(p) + len(c) + len(r) for p, c, r in pieces))}
-    return _with_reference_columns(batch, rows)
+    return Batch(SHARED_PROMPT, input_ids, attention, side_completion_mask,
+                 num_tokens=sum(2 * len(p) + len(c) + len(r) for p, c, r in pieces),
+                 num_filled=sum(len(p) + len(c) + len(r) for p, c, r in pieces),
+                 position_ids=position_ids, gather_index=gather_index, side_input_ids=side_input_ids,
+                 ref_logps=_reference_column(rows))

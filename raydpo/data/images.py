@@ -13,7 +13,6 @@ import io
 import os
 from typing import Any, List
 
-IMAGE_INPUT = "image:"  # batch keys "image:<name>" are the image processor's outputs, passed to the forward
 TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token image/text types some VLMs take
 
 
@@ -114,7 +113,7 @@ def num_images(row: dict) -> int:
 
 def image_inputs(rows: list, image_processor) -> dict:
     """The image processor's outputs for a [2B] chosen+rejected batch: each row's images, for its
-    chosen sequence and again for its rejected one, as "image:<name>" tensors."""
+    chosen sequence and again for its rejected one, by the processor's names (the forward's keywords)."""
     images = [image for row in rows if num_images(row) for image in decode_images(list(row["images"]))]
     if not images:
         return {}
@@ -122,4 +121,4 @@ def image_inputs(rows: list, image_processor) -> dict:
         raise ValueError("the batch has images but no image processor was given: pass processing_class= the "
                          "model's processor (AutoProcessor.from_pretrained)")
     outputs = image_processor(images=images + images, return_tensors="pt")
-    return {IMAGE_INPUT + name: value for name, value in outputs.items()}
+    return dict(outputs)

@@ -6,11 +6,13 @@ import contextlib
 
 import torch
 
+from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
+from raydpo.reference.base import Reference
 from raydpo.train.deepspeed import reference_deepspeed_config, zero_stage
 
 
-class InWorkerReference:
+class InWorkerReference(Reference):
     def __init__(self, model: torch.nn.Module, ds_config: dict):
         model.eval()
         model.requires_grad_(False)
@@ -25,7 +27,7 @@ class InWorkerReference:
         self.model = model
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> torch.Tensor:
+    def logps(self, batch: Batch) -> torch.Tensor:
         return model_completion_logps(self.model, batch)
 
     @torch.no_grad()

@@ -13,9 +13,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
 from raydpo import cluster
 from raydpo.config import DPOConfig
+from raydpo.data.batching import collate
+from raydpo.logprobs import model_completion_logps, shares_prompt_safely
+from raydpo.model_loading import load_model
 from raydpo.reference import cache as ref_cache
 from raydpo.reference.precomputed import REF_COLUMNS
 
@@ -25,11 +29,6 @@ class ReferenceLogps:
     same rows with REF_COLUMNS out. Rows that already carry both values keep them."""
 
     def __init__(self, model_path: str, config: dict, pad_token_id: int, threads: Optional[int] = None):
-        import torch
-
-        from raydpo.logprobs import shares_prompt_safely
-        from raydpo.train.loop import load_model
-
         if threads:
             torch.set_num_threads(threads)
         self.config = DPOConfig(**config)
@@ -55,18 +54,11 @@ class ReferenceLogps:
 
     def score(self, rows: list) -> tuple:
         """(chosen, rejected) summed completion log-probs of the reference, one float per row."""
-        import torch
-
-        from raydpo.data.batching import collate
-        from raydpo.logprobs import ld_weights, model_completion_logps
-
         if not rows:
             return [], []
+        # the training loop's batch, LD-DPO weights included (collate's ld_alpha), so the numbers are the same
         batch = collate(rows, self.pad_token_id, self.config.max_length, self.config.truncation_mode,
-                        self.config.share_prompt)
-        batch = {k: v.to(self.device) for k, v in batch.items() if k != "ref_logps"}
-        if self.config.ld_alpha is not None:  # the same LD weights the training loop gives the reference
-            batch["logp_weights"] = ld_weights(batch["completion_mask"], self.config.ld_alpha)
+                        self.config.share_prompt, ld_alpha=self.config.ld_alpha).to(self.device)
         with torch.no_grad():
             chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
         return chosen.tolist(), rejected.tolist()

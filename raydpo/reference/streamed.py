@@ -41,7 +41,8 @@ def pool_cpus(config: DPOConfig) -> float:
 
 
 class StreamedReference(PrecomputedReference):
-    """`logps(batch)` reads the columns like a precomputed reference; `rows_ahead` fills them first."""
+    """`logps(batch)` reads the columns like a precomputed reference; `rows_ahead` and `before_eval`
+    fill them first."""
 
     def __init__(self, actors: list, prefetch_batches: int):
         self.actors = itertools.cycle(actors)
@@ -59,8 +60,8 @@ class StreamedReference(PrecomputedReference):
         while in_flight:
             yield self._receive(*in_flight.popleft())
 
-    def fill(self, rows: List[dict], batch_size: int) -> None:
-        """Fill every row's columns (the eval rows, before their first evaluation), all actors at once."""
+    def before_eval(self, rows: List[dict], batch_size: int) -> None:
+        """Fill every row's columns (the eval rows: scored at the first evaluation only), all actors at once."""
         chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
         for chunk, pending in [(chunk, self._submit(chunk)) for chunk in chunks]:
             self._receive(chunk, pending)

@@ -32,6 +32,7 @@ import ray
 
 from raydpo.config import DPOConfig
 from raydpo.train.schedule import resolve_ratios
+from raydpo.train.spec import TrainingPlan
 
 EVENTS = ("on_train_begin", "on_log", "on_evaluate", "on_save", "on_train_end")
 
@@ -69,10 +70,10 @@ class CallbackHandler:
                 if result is not None:
                     self.control = result
 
-    def train_begin(self, plan: dict, run_dir: str):
+    def train_begin(self, plan: TrainingPlan, run_dir: str):
         from transformers import TrainerControl, TrainerState
 
-        total, per_epoch = plan["total_steps"], plan["steps_per_epoch"]
+        total, per_epoch = plan.total_steps, plan.steps_per_epoch
         resolved = resolve_ratios(self.args, total)
         self.run_dir = run_dir
         self.state = TrainerState(max_steps=total, logging_steps=resolved.logging_steps,

@@ -14,17 +14,18 @@ import os
 
 import torch
 
-from raydpo.reference.peft_base import is_peft_model
+from raydpo.model_loading import is_peft_model
 from raydpo.train.deepspeed import zero_stage
+from raydpo.train.spec import ResumeState
 
 DS_TAG = "deepspeed"
 MODEL_DIR = "model"
 REFERENCE_DIR = "reference"
 
 
-def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: dict, reference=None):
+def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: ResumeState, reference=None):
     """`reference`: an InWorkerReference that TR-DPO updates, saved so a restart continues from it."""
-    engine.save_checkpoint(directory, tag=DS_TAG, client_state=state)
+    engine.save_checkpoint(directory, tag=DS_TAG, client_state=state.client_state())
     torch.save(torch.get_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
     export_model(engine, os.path.join(directory, MODEL_DIR), rank, ds_config, tokenizer)
     if reference is not None:
@@ -64,8 +65,8 @@ def _weights_only_loads(engine):
         checkpoint_engine.load = unsafe_load
 
 
-def restore(engine, directory: str, rank: int) -> dict:
-    """Load engine state and this worker's RNG; returns the client state saved with it."""
+def restore(engine, directory: str, rank: int) -> ResumeState:
+    """Load engine state and this worker's RNG; returns where the loop was when it was saved."""
     with _weights_only_loads(engine):
         _, client_state = engine.load_checkpoint(directory, tag=DS_TAG)
     if client_state is None:
@@ -73,7 +74,7 @@ def restore(engine, directory: str, rank: int) -> dict:
     rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng_path):
         torch.set_rng_state(torch.load(rng_path, weights_only=True))
-    return client_state
+    return ResumeState.from_client_state(client_state)
 
 
 def export_model(engine, directory: str, rank: int, ds_config: dict, tokenizer):

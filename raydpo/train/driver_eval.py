@@ -1,5 +1,5 @@
 """`DPOTrainer.evaluate()`: DPO metrics of a policy on an eval set, in the driver's process, with the
-training workers' own batch, loss and metric code (`loop.evaluate`, `loop.dpo_step`)."""
+training workers' own batch, loss and metric code (`step.evaluate`, `step.dpo_step`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
+from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
+                                  load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference
-from raydpo.reference.peft_base import REF_ADAPTER, is_peft_model, reference_model_path
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
-from raydpo.train.loop import continued_adapter, evaluate, fit_to_model, load_model, load_policy
+from raydpo.train.step import evaluate
 
 
 def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], peft_config, processing_class, data,
@@ -40,6 +41,6 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
         reference = InWorkerReference(load_model(path, config).to(device), {})
     config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
-    loop_config = {"tokenizer": processing_class, "pad_token_id": text_tokenizer(processing_class).pad_token_id}
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)
-    return evaluate(policy, reference, rows, num_batches, config, loop_config)
+    return evaluate(policy, reference, rows, num_batches, config, processing_class,
+                    text_tokenizer(processing_class).pad_token_id)

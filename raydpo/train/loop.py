@@ -1,343 +1,221 @@
-"""The per-worker training loop: one readable DPO loop over this worker's shard.
+"""The per-worker training loop: one readable DPO loop over this worker's shard, in phases.
 
-Runs inside each Ray Train worker. Everything it needs arrives in `loop_config` (see
-trainer.DPOTrainer._loop_config); nothing here knows about Ray Tune or the CLI.
+`train_loop_per_worker` is what Ray Train runs in each worker. It gets a `WorkerSpec` (spec.py, built
+by trainer.fit) and asks Ray for nothing itself: everything Ray-facing (the data shard, the checkpoint
+to resume from, reports, the metrics history, the driver's callbacks) goes through a run context
+(run_context.py), so tests/test_loop.py runs this loop with a fake context and a fake engine.
+
+The phases, as in torchtune's DPO recipe:
+  setup                 load the policy (DeepSpeed engine) and the reference, resume from a checkpoint
+  train                 micro-batches from the resume point: forward, backward, DeepSpeed step
+  after_optimizer_step  TR-DPO sync, then log, evaluate, early-stop, save, report, ask the driver
+  save_checkpoint       write a checkpoint and hand it to Ray Train
+The math of one micro-batch (batch, loss, metrics, evaluation) is in step.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import itertools
 import math
-import os
-import sys
-import tempfile
 import time
-from typing import Optional
+from typing import Iterator, List, Optional
 
-import ray
-import ray.train
 import torch
 
-from raydpo import cluster
 from raydpo.config import DPOConfig
-from raydpo.data.batching import collate, epoch_order, row_length, token_counts
-from raydpo.logprobs import ld_weights, model_completion_stats, pair_logps, shares_prompt_safely, text_config
-from raydpo.losses import dpo_loss, rewards, router_aux_loss_coef
-from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, StreamedReference
-from raydpo.reference.peft_base import (REF_ADAPTER, adapter_base, add_reference_adapter, is_adapter_dir,
-                                       is_peft_model, reference_model_path)
+from raydpo.data.batching import epoch_order, row_length, token_counts
+from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
+                                  load_policy, reference_model_path)
+from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, Reference, StreamedReference
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
-from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
+from raydpo.train.metrics import MetricsWindow
+from raydpo.train.run_context import RayRunContext
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
-from raydpo.train.startup import StartupClock
+from raydpo.train.spec import ResumeState, WorkerSpec
+from raydpo.train.step import dpo_step, evaluate, grad_norm, make_batch
 
 
-def model_init_kwargs(config: DPOConfig) -> dict:
-    """from_pretrained's keyword arguments: float32 and config.trust_remote_code unless model_init_kwargs
-    says otherwise; a dtype named as text ("bfloat16", transformers 4's torch_dtype key too) becomes torch's."""
-    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
-    if "torch_dtype" in kwargs:
-        kwargs["dtype"] = kwargs.pop("torch_dtype")
-    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
-    return kwargs
+def train_loop_per_worker(loop_config: dict):
+    """Ray Train's entry point; its train_loop_config is {"spec": WorkerSpec}."""
+    spec: WorkerSpec = loop_config["spec"]
+    config = resolve_ratios(spec.dpo_config(), spec.plan.total_steps)
+    worker = DPOWorker.setup(spec, config, RayRunContext(spec, config))
+    worker.train()
 
 
-def load_model(path: str, config: DPOConfig):
-    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL.
-    A PEFT adapter folder gives that adapter, frozen, on its base (a continued adapter's reference)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        return _prepare(PeftModel.from_pretrained(load_model(adapter_base(path), config), path), config)
-    kwargs = model_init_kwargs(config)
-    model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
-    vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
-    if config.disable_dropout:
-        _disable_dropout(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model
-
-
-def _disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def _prepare(peft_model, config: DPOConfig):
-    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
-        _disable_dropout(peft_model)
-    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
-        peft_model.enable_input_require_grads()
-    return peft_model
-
-
-def load_policy(path: str, config: DPOConfig, peft_config=None, reference_adapter: Optional[str] = None):
-    """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
-    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue.
-    `reference_adapter`: an adapter folder loaded beside the trained adapter, frozen, as "ref" (the
-    reference of a continued adapter, as TRL's; `PeftBaseReference(policy, REF_ADAPTER)` uses it)."""
-    if is_adapter_dir(path):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_model(adapter_base(path), config), path, is_trainable=True)
-    elif peft_config is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(load_model(path, config), peft_config)
-    else:
-        return load_model(path, config)
-    if reference_adapter is not None:
-        training = model.training
-        add_reference_adapter(model, reference_adapter)
-        model.train(training)  # load_adapter puts the whole model in eval mode
-    return _prepare(model, config)
-
-
-def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
-    """The adapter folder whose frozen copy is the reference: `model` when it is an adapter folder being
-    continued with no ref_model (TRL's "ref" adapter), else None."""
-    return model if ref_model is None and is_adapter_dir(model) else None
-
-
-def build_reference(loop_config: dict, config: DPOConfig, ds_config: dict, engine, resume_dir=None):
-    """The reference mode, chosen once: the loop itself only calls `reference.logps(batch)` (and, for
-    TR-DPO, `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
+def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine, resume_dir=None) -> Reference:
+    """The reference mode, chosen once; the loop only uses the `Reference` interface (and, for TR-DPO,
+    `reference.sync_from(policy, alpha)`). A resumed TR-DPO run reloads its moved reference."""
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
-        return StreamedReference(loop_config["reference_pool"], config.stream_ref_prefetch_batches)
-    if loop_config.get("ref_model") is None and is_peft_model(engine.module):
+        return StreamedReference(spec.reference_pool, config.stream_ref_prefetch_batches)
+    if spec.ref_model is None and is_peft_model(engine.module):
         # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
         adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
         return PeftBaseReference(engine.module, adapter)
-    path = reference_model_path(loop_config["model"], loop_config.get("ref_model"))
+    path = reference_model_path(spec.model, spec.ref_model)
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
     return InWorkerReference(load_model(path, config), ds_config)
 
 
-def fit_to_model(config: DPOConfig, model) -> DPOConfig:
-    """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
-    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
-    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
-    TRL computes over the two-sequence layout's tokens)."""
-    coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
-    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
-    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
-        return config
-    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
+class DPOWorker:
+    """One worker's run. `setup` builds it; `train` runs it to the end (the last step, early stopping,
+    or a driver callback's should_training_stop). Every worker takes the same decisions from the same
+    all-reduced numbers (schedule.py), so they stay in lock-step without extra messages."""
 
+    def __init__(self, spec: WorkerSpec, config: DPOConfig, context, engine, reference: Reference,
+                 ds_config: dict, rows: List[dict], eval_rows: List[dict], resume: ResumeState):
+        self.spec, self.config, self.plan, self.context = spec, config, spec.plan, context
+        self.engine, self.reference, self.ds_config = engine, reference, ds_config
+        self.rows, self.eval_rows = rows, eval_rows
+        self.lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
+        self.step = resume.global_step  # optimizer steps done
+        self.window = MetricsWindow()
+        self.window.total_tokens = resume.num_tokens
+        self.early_stopping = EarlyStopping(config, resume.early_stopping)
+        self._restart_step_timer()
 
-def dpo_step(engine, reference, batch: dict, config: DPOConfig):
-    """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected).
-    `config` is fitted to the model (`fit_to_model`): a router_aux_loss_coef other than 0 (or None) adds
-    that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it as aux_loss."""
-    batch = {name: value.to(engine.device) for name, value in batch.items()}  # collate builds it on the CPU
-    if config.ld_alpha is not None:  # LD-DPO: the policy and the reference weight tokens alike
-        batch = {**batch, "logp_weights": ld_weights(batch["completion_mask"], config.ld_alpha)}
-    aux_coef = config.router_aux_loss_coef or 0.0
-    policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
-    logps = pair_logps(policy, reference.logps(batch), batch["completion_mask"], config.use_weighting)
-    loss = dpo_loss(logps, config)
-    if policy.aux_loss is not None:
-        loss = loss + aux_coef * policy.aux_loss
-    chosen_rewards, rejected_rewards = rewards(logps, config.beta)
-    return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
+    # -- setup ---------------------------------------------------------------------------------------
 
+    @classmethod
+    def setup(cls, spec: WorkerSpec, config: DPOConfig, context) -> "DPOWorker":
+        """Read this worker's shards, load the policy into its DeepSpeed engine and the reference, and
+        restore a checkpoint's state (a restart by Ray Train, or resume_from_checkpoint)."""
+        rows = context.shard("train")
+        eval_rows = context.shard("eval") if spec.plan.eval_batches else []
+        context.startup_mark("data")
+        ds_config = build_deepspeed_config(config, context.world_size)
+        in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
+        reference_adapter = continued_adapter(spec.model, spec.ref_model) if in_worker else None
+        policy = load_policy(spec.model, config, spec.peft_config, reference_adapter)
+        context.startup_mark("model")
+        engine = initialize_policy(policy, ds_config, config, spec.plan.total_steps)
+        context.startup_mark("deepspeed")
+        config = fit_to_model(config, engine)
+        resume = ResumeState()
+        with context.resume_dir() as directory:
+            reference = build_reference(spec, config, ds_config, engine, directory)
+            if directory:
+                resume = checkpoint.restore(engine, directory, context.rank)
+        context.startup_mark("reference")
+        engine.train()
+        return cls(spec, config, context, engine, reference, ds_config, rows, eval_rows, resume)
 
-def make_batch(rows: list, loop_config: dict, config: DPOConfig) -> dict:
-    """The [2B] chosen+rejected batch of these rows (a vision batch with its pixel values)."""
-    image_processor = getattr(loop_config["tokenizer"], "image_processor", None)
-    return collate(rows, loop_config["pad_token_id"], config.max_length, config.truncation_mode, config.share_prompt,
-                   image_processor)
+    # -- train ---------------------------------------------------------------------------------------
 
-
-def micro_batch_rows(reference, rows: list, index_batches: list):
-    """The rows of each micro-batch in turn; a streamed reference scores them a few batches ahead."""
-    if isinstance(reference, StreamedReference):
-        return reference.rows_ahead(rows, index_batches)
-    return ([rows[i] for i in indices] for indices in index_batches)
-
-
-def evaluate(engine, reference, rows: list, num_batches: int, config: DPOConfig, loop_config: dict) -> dict:
-    """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
-    window, size = MetricsWindow(), config.per_device_eval_batch_size
-    if isinstance(reference, StreamedReference):  # scored once, at the first evaluation
-        reference.fill(rows, size)
-    engine.eval()
-    with torch.no_grad():
-        # Every worker runs num_batches forwards (ZeRO-3 gathers weights collectively); a worker whose
-        # shard ran out repeats a batch that counts for nothing.
-        for i in range(num_batches):
-            chunk = rows[i * size:(i + 1) * size]
-            batch = make_batch(chunk or rows[:size], loop_config, config)
-            loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
-            if chunk:
-                window.add(loss, per_pair, per_token, token_counts(batch))
-            else:
-                window.add_padding()
-    engine.train()
-    metrics = window.reduce()
-    del metrics["num_tokens"]  # a training counter
-    return {f"eval_{name}": value for name, value in metrics.items()}
-
-
-def _setup_worker(config: DPOConfig):
-    context = ray.train.get_context()
-    cluster.quiet_logs(config.log_level, worker=True)
-    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
-    # DeepSpeed JIT-builds a small op on first use; a shared cache folder pays that once per machine.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/raydpo/torch_extensions"))
-    # ...built by whichever `ninja` PATH finds first. Two versions (the environment's pip ninja and a
-    # system one, e.g. a job whose PATH has the venv's bin and one whose PATH has not) each rebuild
-    # what the other built, ~30 s every time: this Python environment's own bin comes first.
-    bin_dir = os.path.dirname(sys.executable)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    if not config.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    threads = config.torch_threads_per_worker or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
-    torch.set_num_threads(threads)
-    torch.manual_seed(config.seed)
-    return context.get_world_rank(), context.get_world_size()
-
-
-def train_loop_per_worker(loop_config: dict):
-    plan = loop_config["plan"]
-    config = resolve_ratios(DPOConfig(**loop_config["config"]), plan["total_steps"])
-    rank, world_size = _setup_worker(config)
-    clock = StartupClock(rank)  # where start-up time goes (TrainOutput.startup)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
-    rows = list(ray.train.get_dataset_shard("train").iter_rows())  # this worker's contiguous shard
-    eval_rows = list(ray.train.get_dataset_shard("eval").iter_rows()) if plan["eval_batches"] else []
-    lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
-    clock.mark("data")
-
-    ds_config = build_deepspeed_config(config, world_size)
-    in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
-    reference_adapter = continued_adapter(loop_config["model"], loop_config.get("ref_model")) if in_worker else None
-    policy = load_policy(loop_config["model"], config, loop_config.get("peft_config"), reference_adapter)
-    clock.mark("model")
-    engine = initialize_policy(policy, ds_config, config, plan["total_steps"])
-    clock.mark("deepspeed")
-    config = fit_to_model(config, engine)
-
-    step, window, state = 0, MetricsWindow(), {}
-    ray_checkpoint = ray.train.get_checkpoint()  # set when Ray Train restarts a failed run
-    resume_from = ray_checkpoint.as_directory() if ray_checkpoint else contextlib.nullcontext(
-        loop_config.get("resume_from_checkpoint"))
-    with resume_from as directory:
-        reference = build_reference(loop_config, config, ds_config, engine, directory)
-        if directory:
-            state = checkpoint.restore(engine, directory, rank)
-            step, window.total_tokens = state["global_step"], state["num_tokens"]
-    early_stopping = EarlyStopping(config, state.get("early_stopping"))
-    clock.mark("reference")
-
-    engine.train()
-    accumulation, steps_per_epoch = config.gradient_accumulation_steps, plan["steps_per_epoch"]
-    window_started, window_start_step = time.perf_counter(), step
-    finished = step >= plan["total_steps"]
-    if eval_rows and config.eval_on_start and not finished:
-        # transformers' sanity check before training: logged, but not counted by early stopping
-        metrics = evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config)
-        _log(metrics, step, steps_per_epoch, rank, loop_config)
-        ray.train.report(metrics)
-        window_started = time.perf_counter()
-    while not finished:
-        epoch = step // steps_per_epoch
-        order = epoch_order(len(rows), plan["micro_batches_per_epoch"], config.per_device_train_batch_size,
-                            config.seed, epoch, lengths)
-        first = (step - epoch * steps_per_epoch) * accumulation
-        for micro, batch_rows in enumerate(micro_batch_rows(reference, rows, order[first:]), start=first):
-            batch = make_batch(batch_rows, loop_config, config)
-            learning_rate = engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
-            loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
-            _require_finite("loss", float(loss.detach()), step + 1)
-            engine.backward(loss)
-            boundary = (micro + 1) % accumulation == 0
-            # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
-            unclipped_norm = _grad_norm(engine.module) if boundary and zero_stage(ds_config) == 0 else None
-            engine.step()
-            window.add(loss, per_pair, per_token, token_counts(batch))
-            if not boundary:
+    def train(self) -> None:
+        """Run micro-batches from the resume point; after every `gradient_accumulation_steps` of them,
+        DeepSpeed has stepped the optimizer and `after_optimizer_step` decides what else happens."""
+        if self.step >= self.plan.total_steps:  # resumed from the final checkpoint: nothing left
+            return
+        if self.eval_rows and self.config.eval_on_start:
+            # transformers' sanity check before training: logged, but not counted by early stopping
+            self._log_and_report(self.evaluate())
+            self._restart_step_timer()
+        accumulation = self.config.gradient_accumulation_steps
+        for micro, rows in enumerate(self.micro_batches(self.step), start=1):
+            learning_rate = self.engine.get_lr()[0]  # the rate this optimizer step uses, as TRL logs it
+            norm = self.train_micro_batch(rows, boundary=micro % accumulation == 0)
+            if norm is None:  # gradients still accumulating
                 continue
-            step += 1
-            clock.mark("first_step")
-            clock.send(loop_config["history"])
-            if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
-                reference.sync_from(engine.module, config.ref_model_mixup_alpha)
-            grad_norm = unclipped_norm if unclipped_norm is not None else engine.get_global_grad_norm()
-            _require_finite("grad_norm", float(grad_norm), step)
-            last = step == plan["total_steps"]
-            metrics = {}
-            if log_due(step, config, last):
-                metrics = window.reduce()
-                # wall seconds per optimizer step since the last log, evaluation and save excluded (a raydpo extra)
-                metrics.update(grad_norm=float(grad_norm), learning_rate=learning_rate,
-                               step_time=(time.perf_counter() - window_started) / (step - window_start_step))
-                if config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
-                    metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
-            evaluated = bool(eval_rows) and eval_due(step, config, steps_per_epoch, last)
-            if evaluated:
-                metrics.update(evaluate(engine, reference, eval_rows, plan["eval_batches"], config, loop_config))
-                last = early_stopping.update(metrics) or last
-            if metrics:
-                _log(metrics, step, steps_per_epoch, rank, loop_config)
-            saved_state = {"global_step": step, "num_tokens": window.total_tokens,
-                           "early_stopping": early_stopping.state()}
-            saved = save_due(step, config, steps_per_epoch, last, evaluated, evaluated and early_stopping.new_best)
-            if saved:
-                _save_and_report(engine, rank, ds_config, loop_config, metrics, step, saved_state,
-                                 reference if config.sync_ref_model else None)
-            elif metrics:
-                ray.train.report(metrics)
-            if (metrics or saved) and not last and _driver_stops(loop_config, step, rank):
-                # a TrainerCallback set control.should_training_stop: this is the last step
-                if not saved and config.save_strategy != "no" and not config.load_best_model_at_end:
-                    _save_and_report(engine, rank, ds_config, loop_config, {}, step, saved_state,
-                                     reference if config.sync_ref_model else None)
-                last = True
-            if metrics:
-                window_started, window_start_step = time.perf_counter(), step
-            if last:  # the final step, or early stopping
-                finished = True
-                break
+            self.step += 1
+            self.context.startup_mark("first_step")  # the first one ends start-up (TrainOutput.startup)
+            if self.after_optimizer_step(learning_rate, norm):
+                return
 
+    def micro_batches(self, start_step: int) -> Iterator[List[dict]]:
+        """Each micro-batch's rows, from optimizer step `start_step` on, epoch after epoch. Each epoch's
+        order is a pure function of (seed, epoch), so a resumed run skips exactly the batches it ran."""
+        steps_per_epoch, accumulation = self.plan.steps_per_epoch, self.config.gradient_accumulation_steps
+        for epoch in itertools.count(start_step // steps_per_epoch):
+            order = epoch_order(len(self.rows), self.plan.micro_batches_per_epoch,
+                                self.config.per_device_train_batch_size, self.config.seed, epoch, self.lengths)
+            done = max(0, start_step - epoch * steps_per_epoch) * accumulation  # only in the first epoch
+            yield from self.reference.rows_ahead(self.rows, order[done:])  # streamed: scored a few ahead
 
-SAVE_PREFIX = "raydpo-checkpoint-"  # local folder a checkpoint is written to before Ray Train takes it
+    def train_micro_batch(self, rows: List[dict], boundary: bool) -> Optional[float]:
+        """Forward, backward and DeepSpeed's step (which steps the optimizer at an accumulation
+        boundary). Returns the gradient norm at a boundary, else None."""
+        batch = make_batch(rows, self.config, self.spec.tokenizer, self.spec.pad_token_id)
+        loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
+        _require_finite("loss", float(loss.detach()), self.step + 1)
+        self.engine.backward(loss)
+        # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
+        unclipped = grad_norm(self.engine.module) if boundary and zero_stage(self.ds_config) == 0 else None
+        self.engine.step()
+        self.window.add(loss, per_pair, per_token, token_counts(batch))
+        if not boundary:
+            return None
+        return unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
 
+    # -- after each optimizer step -------------------------------------------------------------------
 
-def _log(metrics: dict, step: int, steps_per_epoch: int, rank: int, loop_config: dict):
-    """Stamp the metrics with the step and epoch; rank 0 records them (the driver prints them: progress.py)."""
-    metrics.update(epoch=step / steps_per_epoch, global_step=step)
-    if rank == 0:
-        ray.get(loop_config["history"].append.remote(metrics))
+    def after_optimizer_step(self, learning_rate: float, norm: float) -> bool:
+        """TR-DPO sync, then, as the schedule says: log, evaluate, early-stop, save, report, and ask the
+        driver's callbacks whether to stop. Returns True when this was the last step."""
+        config, step = self.config, self.step
+        if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
+            self.reference.sync_from(self.engine.module, config.ref_model_mixup_alpha)
+        _require_finite("grad_norm", norm, step)
+        last = step == self.plan.total_steps
+        metrics = self.training_metrics(learning_rate, norm) if log_due(step, config, last) else {}
+        evaluated = bool(self.eval_rows) and eval_due(step, config, self.plan.steps_per_epoch, last)
+        if evaluated:
+            metrics.update(self.evaluate())
+            last = self.early_stopping.update(metrics) or last  # early stopping ends the run here
+        saved = save_due(step, config, self.plan.steps_per_epoch, last, evaluated,
+                         evaluated and self.early_stopping.new_best)
+        if saved:
+            self._log(metrics)
+            self.save_checkpoint(metrics)  # reported with its metrics
+        elif metrics:
+            self._log_and_report(metrics)
+        if (metrics or saved) and not last and self.context.driver_stops(step):
+            # a TrainerCallback set control.should_training_stop: this is the last step, and it is kept
+            if not saved and config.save_strategy != "no" and not config.load_best_model_at_end:
+                self.save_checkpoint({})
+            last = True
+        if metrics:
+            self._restart_step_timer()
+        return last
 
+    def training_metrics(self, learning_rate: float, norm: float) -> dict:
+        """The logging window's averages (all-reduced over workers) and the step's own values."""
+        metrics = self.window.reduce()
+        # wall seconds per optimizer step since the last log, evaluation and save excluded (a raydpo extra)
+        metrics.update(grad_norm=norm, learning_rate=learning_rate,
+                       step_time=(time.perf_counter() - self.window_started) / (self.step - self.window_start_step))
+        if self.config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
+            metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
+        return metrics
 
-def _driver_stops(loop_config: dict, step: int, rank: int) -> bool:
-    """With TrainerCallbacks on the driver: wait until it has delivered this step's events, and return
-    whether one of them set control.should_training_stop. Every worker asks, so all stop together."""
-    if not loop_config.get("wait_for_driver"):
-        return False
-    history = loop_config["history"]
-    if rank == 0:
-        ray.get(history.end_step.remote(step))
-    while True:
-        stop = ray.get(history.control.remote(step))
-        if stop is not None:
-            return stop
-        time.sleep(0.05)
+    def evaluate(self) -> dict:
+        return evaluate(self.engine, self.reference, self.eval_rows, self.plan.eval_batches, self.config,
+                        self.spec.tokenizer, self.spec.pad_token_id)
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        """A checkpoint of this step (engine, loop position, RNG, exported model), reported with `metrics`."""
+        state = ResumeState(self.step, self.window.total_tokens, self.early_stopping.state())
+        reference = self.reference if self.config.sync_ref_model else None  # TR-DPO's moved reference
+        self.context.save(self.step, metrics, lambda directory: checkpoint.save(
+            self.engine, directory, self.context.rank, self.ds_config, self.spec.tokenizer, state, reference))
+
+    def _log(self, metrics: dict) -> None:
+        """Stamp the metrics with the step and epoch, and record them (nothing when there are none)."""
+        if metrics:
+            metrics.update(epoch=self.step / self.plan.steps_per_epoch, global_step=self.step)
+            self.context.log(metrics)
+
+    def _log_and_report(self, metrics: dict) -> None:
+        self._log(metrics)
+        self.context.report(metrics)
+
+    def _restart_step_timer(self) -> None:
+        """step_time counts training only: the timer restarts after each log (evaluation and saving excluded)."""
+        self.window_started, self.window_start_step = time.perf_counter(), self.step
 
 
 def _require_finite(name: str, value: float, step: int):
@@ -345,21 +223,3 @@ def _require_finite(name: str, value: float, step: int):
     if not math.isfinite(value):
         raise FloatingPointError(f"non-finite {name} ({value}) at step {step}; training stopped, and the "
                                  f"latest checkpoint (before step {step}) is intact")
-
-
-def _save_and_report(engine, rank, ds_config, loop_config, metrics, step, state: dict, reference=None):
-    # Write, then publish: Ray Train makes it the latest checkpoint only after the whole folder is
-    # written and copied to storage, so a kill mid-save leaves the previous one as the latest.
-    with tempfile.TemporaryDirectory(prefix=SAVE_PREFIX) as directory:
-        checkpoint.save(engine, directory, rank, ds_config, loop_config["tokenizer"], state, reference)
-        ray.train.report(metrics or {"global_step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint-{step}")
-    if rank == 0 and loop_config.get("driver_events"):  # on_save (and hub_strategy="every_save") on the driver
-        ray.get(loop_config["history"].saved.remote(step))
-
-
-def _grad_norm(model) -> float:
-    """Global L2 norm of the (already all-reduced) gradients."""
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

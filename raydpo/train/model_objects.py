@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import Optional
 
-from raydpo.reference.peft_base import ADAPTER_CONFIG, is_peft_model
+from raydpo.model_loading import ADAPTER_CONFIG, is_peft_model
 
 OBJECTS_DIR = "raydpo-model-objects"  # under the run's storage_path (a local one)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -18,7 +17,6 @@ from raydpo import cluster, hub
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
-from raydpo.data.batching import micro_batches_per_epoch
 from raydpo.data.shards import ContiguousShards
 from raydpo.train.callbacks import CallbackHandler, EventPump
 from raydpo.train.checkpoint import MODEL_DIR
@@ -28,8 +26,9 @@ from raydpo.train.model_objects import is_model_object, model_name, objects_fold
 from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import ProgressPrinter
 from raydpo.train.startup import startup_seconds
+from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.trackers import report_targets, tracker_env
-from raydpo.reference.peft_base import adapter_base, is_adapter_dir, reference_model_path
+from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
 
@@ -41,17 +40,6 @@ class TrainOutput:
     checkpoint: Optional[str] = None  # path of the latest checkpoint
     # seconds from fit() to the end of the first optimizer step, by phase (raydpo.train.startup)
     startup: dict = field(default_factory=dict)
-
-
-def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> dict:
-    micro_batches = micro_batches_per_epoch(num_rows, config.num_workers, config.per_device_train_batch_size,
-                                            config.gradient_accumulation_steps)
-    steps_per_epoch = micro_batches // config.gradient_accumulation_steps
-    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-    # every worker runs as many eval forwards as the largest eval shard needs
-    eval_batches = micro_batches_per_epoch(num_eval_rows, config.num_workers, config.per_device_eval_batch_size, 1)
-    return {"micro_batches_per_epoch": micro_batches, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-            "eval_batches": eval_batches}
 
 
 def export_model(checkpoint: str, output_dir: str) -> str:
@@ -106,7 +94,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     fit_start = time.time()
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
-    check_lr_scheduler(config, plan["total_steps"])  # a bad lr_scheduler_kwargs fails here, not in a worker
+    check_lr_scheduler(config, plan.total_steps)  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
     if config.precompute_ref_log_probs:
         datasets = {name: with_reference_logps(data, config, model, ref_model, tokenizer)
@@ -126,20 +114,12 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         report_targets(config.report_to), os.path.join(storage_path, run_name), run_name, tracked_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "plan": plan,
-            "model": model,
-            "ref_model": ref_model,
-            "peft_config": peft_config,
-            "tokenizer": tokenizer,
-            "pad_token_id": text_tokenizer(tokenizer).pad_token_id,
-            "history": history,
-            "resume_from_checkpoint": resume_from_checkpoint,
-            "reference_pool": reference_pool,
-            "driver_events": handler is not None,  # rank 0 also sends ("save", step) events
-            "wait_for_driver": handler is not None and handler.waits,  # workers honour should_training_stop
-        },
+        train_loop_config={"spec": WorkerSpec(
+            config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
+            pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
+            resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
+            driver_events=handler is not None,  # rank 0 also sends ("save", step) events
+            wait_for_driver=handler is not None and handler.waits)},  # workers honour should_training_stop
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
@@ -170,7 +150,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         handler.train_begin(plan, os.path.join(storage_path, run_name))
         pump = EventPump(history, handler).start()
     try:
-        with ProgressPrinter(lambda count: ray.get(history.events_since.remote(count)), plan["total_steps"]):
+        with ProgressPrinter(lambda count: ray.get(history.events_since.remote(count)), plan.total_steps):
             result = trainer.fit()
     finally:
         stop_reference_pool(reference_pool)
@@ -321,7 +301,7 @@ class DPOTrainer:
         checkpoint train() returned: the best one with load_best_model_at_end), else the initial one.
 
         It runs in this process (the driver), on one GPU with use_gpu (when the driver has one), else on
-        the CPU, with the training loop's own batch, loss and metric code (`loop.evaluate`), so it needs the
+        the CPU, with the training loop's own batch, loss and metric code (`step.evaluate`), so it needs the
         memory of the policy and the reference. Callbacks get on_log and on_evaluate."""
         from raydpo.train.driver_eval import evaluate_policy
 

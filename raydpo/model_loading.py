@@ -1,0 +1,143 @@
+"""Loading models from a path: the policy (with a new or continued PEFT adapter), a frozen reference,
+and the settings a loaded model runs with. The training workers, the reference actors and
+`DPOTrainer.evaluate()` all load through here, so each gets the same model for the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from raydpo.config import DPOConfig
+from raydpo.logprobs import shares_prompt_safely, text_config
+from raydpo.losses import router_aux_loss_coef
+
+ADAPTER_CONFIG = "adapter_config.json"
+REF_ADAPTER = "ref"  # the frozen copy of a continued adapter, as TRL names it
+
+
+def is_adapter_dir(path) -> bool:
+    """A local PEFT adapter folder (what PeftModel.save_pretrained writes)."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter folder was trained on (its adapter_config's base_model_name_or_path)."""
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    return base
+
+
+def reference_model_path(model: str, ref_model: Optional[str]) -> str:
+    """Where the frozen reference's weights are: ref_model, else the model itself (an adapter folder
+    being continued is its own reference: that adapter, frozen, on its base; `load_model`)."""
+    return ref_model if ref_model is not None else model
+
+
+def is_peft_model(module) -> bool:
+    # A PeftModel exists only once peft is imported: asking never imports it (seconds, for a plain model).
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(module, getattr(peft, "PeftModel", ()))
+
+
+def add_reference_adapter(peft_model, adapter_dir: str) -> None:
+    """Load the adapter at `adapter_dir` a second time into `peft_model`, frozen, as REF_ADAPTER: the
+    reference of a continued adapter (TRL copies its "default" adapter into "ref"; this loads the same
+    weights from the folder the policy's adapter came from). Called before DeepSpeed wraps the model, so
+    ZeRO-3 shards it like the rest and the optimizer never sees it (it does not require grad)."""
+    device = next(peft_model.parameters()).device
+    peft_model.load_adapter(adapter_dir, adapter_name=REF_ADAPTER, is_trainable=False, torch_device=str(device))
+
+
+def model_init_kwargs(config: DPOConfig) -> dict:
+    """from_pretrained's keyword arguments: float32 and config.trust_remote_code unless model_init_kwargs
+    says otherwise; a dtype named as text ("bfloat16", transformers 4's torch_dtype key too) becomes torch's."""
+    kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code, **(config.model_init_kwargs or {})}
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
+
+
+def load_model(path: str, config: DPOConfig):
+    """A causal LM, or a vision-language model (an image-text-to-text model) such as Llava or Qwen2-VL.
+    A PEFT adapter folder gives that adapter, frozen, on its base (a continued adapter's reference)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        return _prepare(PeftModel.from_pretrained(load_model(adapter_base(path), config), path), config)
+    kwargs = model_init_kwargs(config)
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code).model_type
+    vision = model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(path, **kwargs)
+    if config.disable_dropout:
+        _disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _prepare(peft_model, config: DPOConfig):
+    if config.disable_dropout:  # the adapters' own dropout (lora_dropout) too
+        _disable_dropout(peft_model)
+    if config.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need inputs that require grad
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def load_policy(path: str, config: DPOConfig, peft_config=None, reference_adapter: Optional[str] = None):
+    """The policy: the model at `path`; with peft_config, a new adapter on it (only the adapter
+    trains); or, when `path` is a saved PEFT adapter folder, that adapter on its base, to continue.
+    `reference_adapter`: an adapter folder loaded beside the trained adapter, frozen, as "ref" (the
+    reference of a continued adapter, as TRL's; `PeftBaseReference(policy, REF_ADAPTER)` uses it)."""
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(adapter_base(path), config), path, is_trainable=True)
+    elif peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(load_model(path, config), peft_config)
+    else:
+        return load_model(path, config)
+    if reference_adapter is not None:
+        training = model.training
+        add_reference_adapter(model, reference_adapter)
+        model.train(training)  # load_adapter puts the whole model in eval mode
+    return _prepare(model, config)
+
+
+def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
+    """The adapter folder whose frozen copy is the reference: `model` when it is an adapter folder being
+    continued with no ref_model (TRL's "ref" adapter), else None."""
+    return model if ref_model is None and is_adapter_dir(model) else None
+
+
+def fit_to_model(config: DPOConfig, model) -> DPOConfig:
+    """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
+    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
+    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
+    TRL computes over the two-sequence layout's tokens)."""
+    coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
+    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
+    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
+        return config
+    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
