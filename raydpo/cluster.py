@@ -11,6 +11,9 @@ from typing import Optional
 import ray
 
 
+IDLE_WORKERS = 8  # idle Ray worker processes an embedded Ray keeps between runs (connect)
+
+
 def connect(address: Optional[str] = None, **init_kwargs) -> None:
     """Join `address` (or RAY_ADDRESS); with neither, or "local", start an embedded local Ray
     (`init_kwargs` go to ray.init, e.g. num_cpus). Reuse a live session."""
@@ -31,9 +34,14 @@ def connect(address: Optional[str] = None, **init_kwargs) -> None:
     # so every Ray process of this session, inherits it, and a slow reply is then an error it does catch.
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Ray kills idle worker processes beyond one per CPU after a second. A run's training workers count
+    # towards that, so on a small machine the processes that tokenized the data (transformers imported,
+    # the tokenizer loaded) are gone by the next run, which pays ~2.5 s to start them again
+    # (bench/startup.py). Up to IDLE_WORKERS of them stay.
+    system_config = {"num_workers_soft_limit": IDLE_WORKERS, **init_kwargs.pop("_system_config", {})}
     try:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 **init_kwargs)
+                 _system_config=system_config, **init_kwargs)
     finally:  # this process keeps what it had
         if previous is None:
             del os.environ["RAY_API_SERVER_ADDRESS"]
