@@ -235,7 +235,11 @@ class DPOConfig:
     disable_dropout: bool = field(default=True, metadata={
         "help": "Set dropout to 0 in the policy, the reference and PEFT adapters."})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations in the backward to save memory."})
+        "help": "Recompute activations in the backward to save memory (transformers' "
+                "gradient_checkpointing_enable; equal to off within 1e-5 in fp32, tests/test_gradient_checkpointing.py)."})
+    gradient_checkpointing_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
+        "help": "Keyword arguments of gradient_checkpointing_enable (torch.utils.checkpoint's), a dict or JSON "
+                "text. use_reentrant is False unless set here, as TRL sets it."})
 
     # --- reference model (TRL names; docs/reference-modes.md) ---
     precompute_ref_log_probs: bool = field(default=False, metadata={
@@ -370,7 +374,7 @@ class DPOConfig:
         """Dict fields given as JSON text (a command-line flag), as transformers' TrainingArguments takes them;
         deepspeed's text is a file path unless it starts with "{"."""
         for name in ("lr_scheduler_kwargs", "model_init_kwargs", "resources_per_worker", "precompute_ref_resources",
-                     "deepspeed"):
+                     "gradient_checkpointing_kwargs", "deepspeed"):
             value = getattr(self, name)
             if not isinstance(value, str) or (name == "deepspeed" and not value.lstrip().startswith("{")):
                 continue
@@ -382,6 +386,9 @@ class DPOConfig:
             if not isinstance(value, dict):
                 raise ValueError(f"DPOConfig.{name} must be a dict, or a JSON object as text; got {value!r}")
             setattr(self, name, value)
+        if self.gradient_checkpointing_kwargs is not None and not isinstance(self.gradient_checkpointing_kwargs, dict):
+            raise ValueError("DPOConfig.gradient_checkpointing_kwargs must be a dict or None, got "
+                             f"{self.gradient_checkpointing_kwargs!r}")
         if self.model_init_kwargs is not None:
             if not isinstance(self.model_init_kwargs, dict):
                 raise ValueError(f"DPOConfig.model_init_kwargs must be a dict or None, got {self.model_init_kwargs!r}")

@@ -85,8 +85,14 @@ def load_model(path: str, config: DPOConfig):
     if config.disable_dropout:
         _disable_dropout(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(config))
     return model
+
+
+def checkpointing_kwargs(config: DPOConfig) -> dict:
+    """torch.utils.checkpoint's keyword arguments: use_reentrant=False unless gradient_checkpointing_kwargs
+    sets it (TRL's default; the reentrant variant needs inputs that require grad and warns without it)."""
+    return {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
 
 
 def _disable_dropout(model):

@@ -33,7 +33,6 @@ WHY = {
     "tf32": "raydpo does not set TF32 matmuls",
     "fsdp": "raydpo shards with DeepSpeed ZeRO: use zero_stage or deepspeed",
     "ddp_backend": "raydpo's workers are Ray Train's, with DeepSpeed",
-    "gradient_checkpointing_kwargs": "gradient_checkpointing runs with transformers' defaults",
     "logging_strategy": "raydpo logs every logging_steps",
 }
 
