@@ -236,7 +236,10 @@ class DPOConfig:
         "help": "Set dropout to 0 in the policy, the reference and PEFT adapters."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward to save memory (transformers' "
-                "gradient_checkpointing_enable; equal to off within 1e-5 in fp32, tests/test_gradient_checkpointing.py)."})
+                "gradient_checkpointing_enable; equal to off within 1e-5 in fp32, tests/test_gradient_checkpointing.py). "
+                "The default differs from TRL 1.16's (True): raydpo's runs are fp32 on CPU workers until mixed "
+                "precision lands, where the recomputation costs time and memory is rarely short. Set it for "
+                "TRL's memory profile; the numbers are the same either way."})
     gradient_checkpointing_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "Keyword arguments of gradient_checkpointing_enable (torch.utils.checkpoint's), a dict or JSON "
                 "text. use_reentrant is False unless set here, as TRL sets it."})
