@@ -13,10 +13,15 @@ from raydpo.train.deepspeed import reference_deepspeed_config, zero_stage
 
 
 class InWorkerReference(Reference):
-    def __init__(self, model: torch.nn.Module, ds_config: dict):
+    """The reference on the policy's device: `device` is the engine's (a GPU worker's GPU). Under ZeRO-3
+    DeepSpeed places and shards it like the policy."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, device=None):
         model.eval()
         model.requires_grad_(False)
         self.engine = None
+        if zero_stage(ds_config) != 3 and device is not None:
+            model.to(device)  # from_pretrained leaves it on the CPU; the batch is on the engine's device
         if zero_stage(ds_config) == 3:
             import deepspeed
 

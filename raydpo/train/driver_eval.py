@@ -38,7 +38,7 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
         path = reference_model_path(model, ref_model)
         if config.sync_ref_model:
             path = checkpoint.saved_reference(checkpoint_dir) or path
-        reference = InWorkerReference(load_model(path, config).to(device), {})
+        reference = InWorkerReference(load_model(path, config), {}, device)
     config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)

@@ -58,7 +58,7 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
     path = reference_model_path(spec.model, spec.ref_model)
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
-    return InWorkerReference(load_model(path, config), ds_config)
+    return InWorkerReference(load_model(path, config), ds_config, engine.device)
 
 
 class DPOWorker:

@@ -1,0 +1,52 @@
+"""Every module and batch tensor a training worker uses is on its engine's device. Runnable on a CPU-only
+machine: the "meta" device stands for the accelerator, so a module or tensor left behind is on "cpu"."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from raydpo import DPOConfig
+from raydpo.data.batching import Batch
+from raydpo.data.tokenize import tokenize_row
+from raydpo.model_loading import load_policy
+from raydpo.train.loop import build_reference
+from raydpo.train.spec import WorkerSpec, training_plan
+from raydpo.train.step import make_batch
+from raydpo.train.trainer import load_tokenizer
+
+ACCELERATOR = torch.device("meta")
+
+
+def tensors(batch: Batch) -> dict:
+    found = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return {**found, **{f"images.{name}": value for name, value in batch.images.items()}}
+
+
+def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_model):
+    config = DPOConfig(output_dir="unused", report_to="none")
+    engine = SimpleNamespace(device=ACCELERATOR, module=load_policy(tiny_model, config).to(ACCELERATOR))
+    spec = WorkerSpec(config=config.to_dict(), plan=training_plan(8, config), model=tiny_model, ref_model=tiny_model,
+                      tokenizer=None, pad_token_id=0)
+    for ds_config in ({}, {"zero_optimization": {"stage": 2}}):  # ZeRO 0-2: placed by raydpo, not DeepSpeed
+        reference = build_reference(spec, config, ds_config, engine)
+        placed = {t.device for t in [*reference.model.parameters(), *reference.model.buffers()]}
+        assert placed == {ACCELERATOR}, ds_config
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_every_batch_tensor_moves_to_the_engine_device(tiny_model, parity_rows, share_prompt):
+    config = DPOConfig(output_dir="unused", report_to="none", max_length=32, share_prompt=share_prompt, ld_alpha=0.5)
+    tokenizer = load_tokenizer(tiny_model)
+    rows = [{**tokenize_row(tokenizer, row), "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+            for row in parity_rows[:4]]
+    batch = make_batch(rows, config, tokenizer, tokenizer.eos_token_id)
+    batch = dataclasses.replace(batch, images={"pixel_values": torch.zeros(4, 3, 2, 2)})  # a vision batch's inputs
+    on_cpu = tensors(batch)
+    assert {"ref_logps", "logp_weights", "images.pixel_values"} <= on_cpu.keys()
+    assert share_prompt == ("gather_index" in on_cpu and "position_ids" in on_cpu)
+    moved = tensors(batch.to(ACCELERATOR))
+    assert moved.keys() == on_cpu.keys()
+    assert {name for name, value in moved.items() if value.device != ACCELERATOR} == set()
