@@ -55,6 +55,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_use_gpu(config):
+    """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any."""
+    if config.use_gpu is not None:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+
+
 def worker_resources(num_workers: int, use_gpu: bool, requested: Optional[dict], reserved_cpus: float = 0.0) -> dict:
     """Resources of one training worker. Unless given, CPU workers share all but one of the
     cluster's CPUs, so Ray Data's tasks still get scheduled (whole-CPU workers starve them on a

@@ -93,6 +93,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     fit_start = time.time()
+    config = cluster.resolve_use_gpu(config)
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     check_lr_scheduler(config, plan.total_steps)  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
@@ -243,6 +244,7 @@ class DPOTrainer:
         self.train_dataset_description = hub.describe_dataset(train_dataset)  # for push_to_hub's card
 
         cluster.connect(self.args.ray_address)
+        self.args = cluster.resolve_use_gpu(self.args)  # use_gpu=None: GPUs if the cluster has them
         cluster.quiet_logs(self.args.log_level)
         self.train_data = prepare_dataset(train_dataset, self.processing_class, self.args)
         self.eval_data = (prepare_dataset(eval_dataset, self.processing_class, self.args, split_name="eval_dataset")

@@ -153,6 +153,7 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     # Tokenize once on the driver (paths resolved before Tune changes each trial's working directory).
     trainer = DPOTrainer(model, ref_model=ref_model, args=base, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class)
+    base = trainer.args  # use_gpu resolved against the cluster
     if base.precompute_ref_log_probs and not set(space) & REFERENCE_SETTINGS:
         # Every trial scores the same rows with the same reference: one actor-pool pass for all.
         trainer.train_data, trainer.eval_data = (
