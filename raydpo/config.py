@@ -209,8 +209,10 @@ class DPOConfig:
                 "that keeps rejected tokens from seeing chosen ones and position ids that restart where the "
                 "completion starts, so every prompt is computed once instead of twice; used for a batch when "
                 "truncation leaves every prompt whole (always with keep_start), for models whose logits are "
-                "lm_head(final hidden state), and not for vision or MoE-with-aux-loss batches. The results "
-                "equal TRL's two-sequence layout (tested against TRL)."})
+                "lm_head(final hidden state), with the sdpa or eager attention kernel (its mask is [B, 1, S, S]: "
+                "flash_attention_2/3 and flex_attention fall back to the padded layout, with a logged reason), "
+                "and not for vision or MoE-with-aux-loss batches. The results equal TRL's two-sequence layout "
+                "(tested against TRL)."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Optional
@@ -16,6 +17,8 @@ import torch
 from raydpo.config import DPOConfig
 from raydpo.logprobs import shares_prompt_safely, text_config
 from raydpo.losses import router_aux_loss_coef
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 REF_ADAPTER = "ref"  # the frozen copy of a continued adapter, as TRL names it
@@ -137,13 +140,36 @@ def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
     return model if ref_model is None and is_adapter_dir(model) else None
 
 
+# Attention implementations that take the shared-prompt layout's [B, 1, S, S] mask. flash_attention_2/3
+# read only a 2-D padding mask (or position ids), and flex_attention builds its own block mask.
+MASK_KERNELS = ("sdpa", "eager")
+
+
+def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
+    """Why this model cannot run the shared-prompt layout (prompt once, rejected masked off chosen), or
+    None when it can. The padded layout is then used: the same numbers, more tokens per pair."""
+    if aux_loss_coef:
+        return "an MoE load-balancing loss (router_aux_loss_coef), which TRL computes over the two-sequence layout"
+    attention = getattr(text_config(model), "_attn_implementation", None) or "sdpa"
+    if attention not in MASK_KERNELS:
+        return (f"attn_implementation={attention!r} takes no [B, 1, S, S] attention mask (only "
+                f"{' and '.join(MASK_KERNELS)} do)")
+    if not shares_prompt_safely(model):
+        return "the model's logits are not lm_head(final hidden state) with logits_to_keep (e.g. soft-capped)"
+    return None
+
+
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
-    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off where the shared-prompt
-    layout would change the numbers (a model that is unsafe for it, or an MoE load-balancing loss, which
-    TRL computes over the two-sequence layout's tokens)."""
+    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off, with a logged reason,
+    where the shared-prompt layout cannot run or would change the numbers (`shared_prompt_blocker`)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
-    share_prompt = config.share_prompt and not coef and shares_prompt_safely(model)
+    share_prompt = config.share_prompt
+    if share_prompt:
+        reason = shared_prompt_blocker(model, coef)
+        if reason:
+            logger.warning("share_prompt is off for this model: %s; batches use the padded layout", reason)
+            share_prompt = False
     if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
         return config
     return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
