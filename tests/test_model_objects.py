@@ -9,6 +9,7 @@ import torch
 from raydpo import DPOConfig, DPOTrainer
 from raydpo.train.callbacks import CallbackHandler
 from raydpo.train.model_objects import save_model_object
+from raydpo.train.spec import TrainingPlan
 
 
 class Recorder:
@@ -50,7 +51,8 @@ def test_callback_handler_follows_transformers_order():
 
     recorder = Recorder()
     handler = CallbackHandler([recorder, Replacing], DPOConfig(eval_strategy="steps", logging_steps=0.5), None)
-    handler.train_begin({"total_steps": 4, "steps_per_epoch": 2}, "/runs/run")
+    handler.train_begin(TrainingPlan(micro_batches_per_epoch=2, steps_per_epoch=2, total_steps=4, eval_batches=2),
+                        "/runs/run")
     handler.handle(("log", {"loss": 0.7, "global_step": 2, "epoch": 1.0, "eval_loss": 0.6}))
     handler.handle(("save", 2))
     handler.handle(("log", {"loss": 0.5, "global_step": 4, "epoch": 2.0, "eval_loss": 0.65}))
