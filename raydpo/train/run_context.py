@@ -48,7 +48,6 @@ class RayRunContext:
         torch.set_num_threads(threads)
         torch.manual_seed(config.seed)
         self.clock = StartupClock(self.rank)  # where start-up time goes (TrainOutput.startup)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker would flood the log
 
     def startup_mark(self, phase: str) -> None:
         """Rank 0 notes when it reaches the end of a start-up phase (startup.PHASES); at the first
