@@ -239,9 +239,20 @@ class DPOConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward to save memory (transformers' "
                 "gradient_checkpointing_enable; equal to off within 1e-5 in fp32, tests/test_gradient_checkpointing.py). "
-                "The default differs from TRL 1.16's (True): raydpo's runs are fp32 on CPU workers until mixed "
-                "precision lands, where the recomputation costs time and memory is rarely short. Set it for "
-                "TRL's memory profile; the numbers are the same either way."})
+                "The default differs from TRL 1.16's (True): on CPU workers the recomputation costs time and "
+                "memory is rarely short. Set it on GPUs for TRL's memory profile; the numbers are the same "
+                "either way."})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bfloat16 mixed precision (DeepSpeed's bf16: bf16 weights and activations, fp32 master "
+                "weights in the optimizer); every reference mode computes in bf16 too. None: True on GPU "
+                "workers that support it (TRL's default), False on CPU workers, unless the DeepSpeed config "
+                "sets bf16.enabled. A DeepSpeed config that says otherwise is an error."})
+    fp16: bool = field(default=False, metadata={
+        "help": "float16 mixed precision with DeepSpeed's dynamic loss scaler: a step whose gradients "
+                "overflow is skipped (and logged), not a stop. A DeepSpeed config that says otherwise is an error."})
+    tf32: Optional[bool] = field(default=None, metadata={
+        "help": "TF32 matmuls on NVIDIA Ampere or newer GPU workers (torch.backends.cuda.matmul.allow_tf32). "
+                "None leaves torch's default. Refused for CPU workers."})
     gradient_checkpointing_kwargs: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "Keyword arguments of gradient_checkpointing_enable (torch.utils.checkpoint's), a dict or JSON "
                 "text. use_reentrant is False unless set here, as TRL sets it."})
@@ -366,6 +377,7 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.deepspeed: no DeepSpeed config file at {self.deepspeed!r}")
         if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
             raise ValueError("DPOConfig.deepspeed must be a dict, a path to a JSON file, or None")
+        self._check_precision()
         if self.resources_per_worker is not None and not isinstance(self.resources_per_worker, dict):
             raise ValueError("DPOConfig.resources_per_worker must be a dict like {'CPU': 0.5} or None")
         report_targets(self.report_to)  # names the unknown target
@@ -376,6 +388,19 @@ class DPOConfig:
                 "checkpoint", "all_checkpoints") else ""
             raise ValueError(f"DPOConfig.hub_strategy must be one of {HUB_STRATEGIES}, got {self.hub_strategy!r}"
                              + other)
+
+    def _check_precision(self):
+        """bf16 and fp16 exclude each other, and a DeepSpeed config's "enabled" that is not "auto" must
+        agree with them (as transformers' Trainer checks its DeepSpeed config)."""
+        if self.bf16 and self.fp16:
+            raise ValueError("DPOConfig.bf16 and DPOConfig.fp16 cannot both be True")
+        if self.tf32 and self.use_gpu is False:
+            raise ValueError("DPOConfig.tf32=True needs GPU workers (NVIDIA Ampere or newer); use_gpu is False")
+        for name, ours in (("bf16", self.bf16), ("fp16", self.fp16)):
+            enabled = self.deepspeed_enabled(name)
+            if enabled is not None and ours is not None and enabled != ours:
+                raise ValueError(f"DPOConfig.{name}={ours} contradicts the DeepSpeed config's "
+                                 f"{name}.enabled={enabled}: set one of them to agree (or \"auto\")")
 
     def _parse_json_fields(self):
         """Dict fields given as JSON text (a command-line flag), as transformers' TrainingArguments takes them;
@@ -539,6 +564,12 @@ class DPOConfig:
             with open(self.deepspeed) as f:
                 return json.load(f)
         return self.deepspeed
+
+    def deepspeed_enabled(self, section: str) -> Optional[bool]:
+        """What the user's DeepSpeed config says of `section` ("bf16" or "fp16"): its "enabled" as a
+        bool, or None when the section is missing or "auto" (filled from this config)."""
+        enabled = ((self.deepspeed_dict() or {}).get(section) or {}).get("enabled", "auto")
+        return None if enabled == "auto" else bool(enabled)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,9 +28,6 @@ TRL_ONLY_UNSUPPORTED = ("activation_offloading", "dataset_num_proc", "pad_to_mul
 # TRL's DatasetMixtureConfig (the `datasets:` section of a `trl dpo` config).
 MIXTURE_KEYS = ("datasets", "streaming", "test_split_size")
 WHY = {
-    "bf16": "raydpo trains in float32; mixed precision is not supported yet",
-    "fp16": "raydpo trains in float32; mixed precision is not supported yet",
-    "tf32": "raydpo does not set TF32 matmuls",
     "fsdp": "raydpo shards with DeepSpeed ZeRO: use zero_stage or deepspeed",
     "ddp_backend": "raydpo's workers are Ray Train's, with DeepSpeed",
     "logging_strategy": "raydpo logs every logging_steps",

@@ -1,5 +1,6 @@
-"""Every module and batch tensor a training worker uses is on its engine's device. Runnable on a CPU-only
-machine: the "meta" device stands for the accelerator, so a module or tensor left behind is on "cpu"."""
+"""Every module and batch tensor a training worker uses is on its engine's device, and every model in
+the run's compute dtype. Runnable on a CPU-only machine: the "meta" device stands for the accelerator,
+so a module or tensor left behind is on "cpu"."""
 
 import dataclasses
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from raydpo import DPOConfig
 from raydpo.data.batching import Batch
 from raydpo.data.tokenize import tokenize_row
 from raydpo.model_loading import load_policy
+from raydpo.reference.precompute import ReferenceLogps
 from raydpo.train.loop import build_reference
 from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.step import make_batch
@@ -25,8 +27,10 @@ def tensors(batch: Batch) -> dict:
     return {**found, **{f"images.{name}": value for name, value in batch.images.items()}}
 
 
-def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_model):
-    config = DPOConfig(output_dir="unused", report_to="none")
+@pytest.mark.parametrize("bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_model, bf16, dtype):
+    """On the engine's device and in its compute dtype: under ZeRO 0-2 DeepSpeed casts only the policy."""
+    config = DPOConfig(output_dir="unused", report_to="none", bf16=bf16)
     engine = SimpleNamespace(device=ACCELERATOR, module=load_policy(tiny_model, config).to(ACCELERATOR))
     spec = WorkerSpec(config=config.to_dict(), plan=training_plan(8, config), model=tiny_model, ref_model=tiny_model,
                       tokenizer=None, pad_token_id=0)
@@ -34,6 +38,16 @@ def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_mode
         reference = build_reference(spec, config, ds_config, engine)
         placed = {t.device for t in [*reference.model.parameters(), *reference.model.buffers()]}
         assert placed == {ACCELERATOR}, ds_config
+        assert {p.dtype for p in reference.model.parameters()} == {dtype}, ds_config
+
+
+@pytest.mark.parametrize("options, dtype", [({}, torch.float32), ({"bf16": True}, torch.bfloat16),
+                                            ({"deepspeed": {"bf16": {"enabled": True}}}, torch.bfloat16)])
+def test_reference_actors_compute_in_the_workers_dtype(tiny_model, options, dtype):
+    """The precompute and streamed actors (one class) resolve precision as a training worker does."""
+    config = DPOConfig(output_dir="unused", report_to="none", use_gpu=False, **options)
+    actor = ReferenceLogps(tiny_model, dataclasses.asdict(config), pad_token_id=0)
+    assert {p.dtype for p in actor.model.parameters()} == {dtype}
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])

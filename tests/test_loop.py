@@ -5,6 +5,7 @@ history and the driver's callbacks) record what happens, in order. The batch, lo
 and checkpoint-writing code are the real ones. The full Ray runs stay in test_train_e2e.py,
 test_reliability.py and test_evaluation.py."""
 
+import math
 import tempfile
 from types import SimpleNamespace
 
@@ -45,6 +46,7 @@ class FakeEngine:
         self.module, self.device, self.events = TinyLM(), torch.device("cpu"), events
         self.accumulation, self.lr, self.micro_batches = accumulation, lr, 0
         self.saved_states = []
+        self.skipped_steps = 0  # DeepSpeed's count of updates its fp16 loss scaler skipped
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -76,6 +78,32 @@ class FakeEngine:
 
     def save_checkpoint(self, directory, tag, client_state):
         self.saved_states.append(client_state)
+
+
+class OverflowingEngine(FakeEngine):
+    """Gradients that overflow at the optimizer steps in `overflow_at`, under ZeRO (the engine keeps the
+    norm). With a loss scaler (fp16) the update is skipped and counted, as DeepSpeed's scaler does; without
+    one (fp32) the inf norm is all there is."""
+
+    def __init__(self, events: list, accumulation: int, overflow_at: set, scaler: bool):
+        super().__init__(events, accumulation)
+        self.overflow_at, self.scaler, self.norm = overflow_at, scaler, None
+
+    def step(self):
+        if (self.micro_batches + 1) % self.accumulation:  # not a boundary
+            return super().step()
+        if (self.micro_batches + 1) // self.accumulation not in self.overflow_at:
+            self.norm = float(torch.cat([p.grad.flatten() for p in self.module.parameters()]).norm())
+            return super().step()
+        self.micro_batches += 1
+        self.norm = float("inf")
+        self.module.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.skipped_steps += 1
+            self.events.append("skipped_step")
+
+    def get_global_grad_norm(self):
+        return self.norm
 
 
 class FakeReference(Reference):
@@ -128,7 +156,7 @@ def rows(count: int, start: int = 0) -> list:
             for i in range(start, start + count)]
 
 
-def worker(num_rows=8, num_eval_rows=0, resume=None, driver_stops_at=None, **options):
+def worker(num_rows=8, num_eval_rows=0, resume=None, driver_stops_at=None, engine=FakeEngine, **options):
     options = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "logging_steps": 1,
                "save_strategy": "no", "report_to": "none", "share_prompt": False, **options}
     config = DPOConfig(**options)
@@ -138,8 +166,8 @@ def worker(num_rows=8, num_eval_rows=0, resume=None, driver_stops_at=None, **opt
                       pad_token_id=0)
     events = []
     return DPOWorker(spec, config, FakeContext(events, driver_stops_at),
-                     FakeEngine(events, config.gradient_accumulation_steps), FakeReference(),
-                     {"zero_optimization": {"stage": 0}}, rows(num_rows), rows(num_eval_rows, start=100),
+                     engine(events, config.gradient_accumulation_steps), FakeReference(),
+                     {"zero_optimization": {"stage": config.zero_stage or 0}}, rows(num_rows), rows(num_eval_rows, start=100),
                      resume or ResumeState())
 
 
@@ -240,3 +268,22 @@ def test_accumulation_boundaries():
     # the norm is measured at the boundary, before the step clears the gradients
     assert all(row["grad_norm"] > 0 for row in run.context.logged)
     assert [row["learning_rate"] for row in run.context.logged] == [0.1, 0.1]
+
+
+def test_fp16_overflow_skips_the_update_and_goes_on():
+    """Under fp16 an overflowing step is DeepSpeed's loss scaler's to skip: the run goes on, and the step
+    counts and is logged with its inf norm. In fp32 the same inf norm stops the run (the non-finite guard)."""
+    def overflowing(scaler):
+        return lambda events, accumulation: OverflowingEngine(events, accumulation, {2}, scaler)
+
+    run = worker(max_steps=4, fp16=True, engine=overflowing(scaler=True))
+    run.train()
+    assert outline(run.context.events).count("skipped_step") == 1
+    assert [row["global_step"] for row in run.context.logged] == [1, 2, 3, 4]
+    norms = [row["grad_norm"] for row in run.context.logged]
+    assert math.isinf(norms[1]) and all(math.isfinite(norm) and norm > 0 for norm in norms[:1] + norms[2:])
+
+    fp32 = worker(max_steps=4, zero_stage=2, engine=overflowing(scaler=False))
+    with pytest.raises(FloatingPointError, match="non-finite grad_norm .* at step 2"):
+        fp32.train()
+    assert [row["global_step"] for row in fp32.context.logged] == [1]

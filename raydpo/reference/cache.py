@@ -6,7 +6,8 @@ An entry is the tokenized dataset with its REF_COLUMNS, stored like a tokenized-
 place). The key hashes:
 - the tokenized rows themselves (token ids, so the source data and the tokenizer are both covered);
 - the reference model: its path and, for a local folder, each file's name, size and mtime;
-- max_length, truncation_mode, ld_alpha and model_init_kwargs (they change the log-probs).
+- max_length, truncation_mode, ld_alpha, model_init_kwargs and the precision settings (they change
+  the log-probs).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ VERSION = 1  # bump when the log-prob computation changes
 
 def cache_key(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig) -> str:
     parts = [VERSION, _rows_digest(dataset), _model_id(model_path),
-             [config.max_length, config.truncation_mode, config.ld_alpha, config.model_init_kwargs]]
+             [config.max_length, config.truncation_mode, config.ld_alpha, config.model_init_kwargs],
+             # the actors' compute dtype follows from these (precision.resolve), and bf16 log-probs differ
+             [config.bf16, config.fp16, config.deepspeed_enabled("bf16"), config.use_gpu]]
     return "ref-" + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from raydpo import precision
 from raydpo.data.batching import Batch
 from raydpo.logprobs import model_completion_logps
 from raydpo.reference.base import Reference
@@ -13,15 +14,18 @@ from raydpo.train.deepspeed import reference_deepspeed_config, zero_stage
 
 
 class InWorkerReference(Reference):
-    """The reference on the policy's device: `device` is the engine's (a GPU worker's GPU). Under ZeRO-3
-    DeepSpeed places and shards it like the policy."""
+    """The reference on the policy's device and in its compute dtype: `device` is the engine's (a GPU
+    worker's GPU), `dtype` the run's (precision.compute_dtype). Under ZeRO-3 DeepSpeed places, casts
+    and shards it like the policy."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict, device=None):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, device=None, dtype: torch.dtype = torch.float32):
         model.eval()
         model.requires_grad_(False)
         self.engine = None
-        if zero_stage(ds_config) != 3 and device is not None:
-            model.to(device)  # from_pretrained leaves it on the CPU; the batch is on the engine's device
+        if zero_stage(ds_config) != 3:
+            # from_pretrained leaves it on the CPU in float32; the batch is on the engine's device, and
+            # under ZeRO 0-2 DeepSpeed casts only the policy it wraps
+            precision.place(model, device, dtype)
         if zero_stage(ds_config) == 3:
             import deepspeed
 

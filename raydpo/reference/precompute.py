@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from raydpo import cluster
+from raydpo import cluster, precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely
@@ -31,10 +31,12 @@ class ReferenceLogps:
     def __init__(self, model_path: str, config: dict, pad_token_id: int, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
-        self.config = DPOConfig(**config)
         self.pad_token_id = pad_token_id
-        self.device = torch.device("cuda" if self.config.use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_path, self.config).to(self.device).eval().requires_grad_(False)
+        on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
+        self.config = precision.resolve(DPOConfig(**config), on_gpu)  # the training workers' compute dtype
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        model = load_model(model_path, self.config).eval().requires_grad_(False)
+        self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
         if self.config.share_prompt and not shares_prompt_safely(self.model):
             self.config = dataclasses.replace(self.config, share_prompt=False)
 

@@ -6,6 +6,7 @@ import copy
 import sys
 import types
 
+from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.train.schedule import warmup_steps
 
@@ -22,6 +23,7 @@ def build_deepspeed_config(config: DPOConfig, world_size: int) -> dict:
     _fill(ds, "gradient_accumulation_steps", config.gradient_accumulation_steps)
     _fill(ds, "train_batch_size", config.per_device_train_batch_size * config.gradient_accumulation_steps * world_size)
     _fill(ds, "gradient_clipping", config.max_grad_norm)
+    precision.fill_deepspeed(ds, config)  # a resolved config (precision.resolve): bf16 is True or False
     zero = ds.setdefault("zero_optimization", {})
     _fill(zero, "stage", config.zero_stage if config.zero_stage is not None else (0 if world_size == 1 else 2))
     if deepspeed_builds_optimizer(ds, config):
@@ -63,8 +65,8 @@ def reference_deepspeed_config(train_config: dict) -> dict:
         "train_batch_size": train_config["train_batch_size"],
         "gradient_accumulation_steps": train_config["gradient_accumulation_steps"],
         "zero_optimization": {"stage": 3},
-        "bf16": train_config.get("bf16", {"enabled": False}),
-        "fp16": train_config.get("fp16", {"enabled": False}),
+        "bf16": train_config["bf16"],
+        "fp16": train_config["fp16"],
         "steps_per_print": 10**9,
     }
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
@@ -31,14 +32,16 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
     else:
         policy = load_policy(model, config, peft_config, reference_adapter)
     device = torch.device("cuda") if config.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    policy.to(device)
+    config = precision.resolve(config, on_gpu=device.type == "cuda")  # the training workers' compute dtype
+    dtype = precision.compute_dtype(config)
+    precision.place(policy, device, dtype)
     if ref_model is None and is_peft_model(policy):
         reference = PeftBaseReference(policy, REF_ADAPTER if reference_adapter else None)
     else:
         path = reference_model_path(model, ref_model)
         if config.sync_ref_model:
             path = checkpoint.saved_reference(checkpoint_dir) or path
-        reference = InWorkerReference(load_model(path, config), {}, device)
+        reference = InWorkerReference(load_model(path, config), {}, device, dtype)
     config = fit_to_model(config, policy)
     rows = list(data.dataset.iter_rows())
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)

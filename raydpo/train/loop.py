@@ -16,12 +16,14 @@ The math of one micro-batch (batch, loss, metrics, evaluation) is in step.py.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from typing import Iterator, List, Optional
 
 import torch
 
+from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import epoch_order, row_length, token_counts
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
@@ -35,11 +37,15 @@ from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_rati
 from raydpo.train.spec import ResumeState, WorkerSpec
 from raydpo.train.step import dpo_step, evaluate, grad_norm, make_batch
 
+logger = logging.getLogger(__name__)
+
 
 def train_loop_per_worker(loop_config: dict):
     """Ray Train's entry point; its train_loop_config is {"spec": WorkerSpec}."""
     spec: WorkerSpec = loop_config["spec"]
     config = resolve_ratios(spec.dpo_config(), spec.plan.total_steps)
+    config = precision.resolve(config, on_gpu=bool(config.use_gpu) and torch.cuda.is_available())
+    precision.set_tf32(config)
     worker = DPOWorker.setup(spec, config, RayRunContext(spec, config))
     worker.train()
 
@@ -58,7 +64,7 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
     path = reference_model_path(spec.model, spec.ref_model)
     if config.sync_ref_model:
         path = checkpoint.saved_reference(resume_dir) or path
-    return InWorkerReference(load_model(path, config), ds_config, engine.device)
+    return InWorkerReference(load_model(path, config), ds_config, engine.device, precision.compute_dtype(config))
 
 
 class DPOWorker:
@@ -141,15 +147,26 @@ class DPOWorker:
         boundary). Returns the gradient norm at a boundary, else None."""
         batch = make_batch(rows, self.config, self.spec.tokenizer, self.spec.pad_token_id)
         loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
-        _require_finite("loss", float(loss.detach()), self.step + 1)
+        _require_finite("loss", float(loss.detach()), self.step + 1)  # unscaled: backward applies fp16's scale
         self.engine.backward(loss)
-        # Without ZeRO, DeepSpeed clips but does not keep the norm: measure it before the step.
-        unclipped = grad_norm(self.engine.module) if boundary and zero_stage(self.ds_config) == 0 else None
+        # fp32 without ZeRO: DeepSpeed clips but does not keep the norm, so measure it before the step.
+        # Its mixed-precision optimizers keep it (unscaled), as ZeRO does.
+        measure = boundary and zero_stage(self.ds_config) == 0 and not (self.config.bf16 or self.config.fp16)
+        unclipped = grad_norm(self.engine.module) if measure else None
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
         self.window.add(loss, per_pair, per_token, token_counts(batch))
         if not boundary:
             return None
-        return unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
+        norm = unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
+        if self.engine.skipped_steps > skipped_before:
+            # fp16: DeepSpeed's loss scaler found inf/NaN gradients, skipped this update and lowered its
+            # scale, as it is meant to; the step still counts (as in transformers' Trainer)
+            logger.warning("step %d: fp16 gradients overflowed; DeepSpeed's loss scaler skipped this update "
+                           "(%d skipped so far)", self.step + 1, self.engine.skipped_steps)
+        else:
+            _require_finite("grad_norm", norm, self.step + 1)
+        return norm
 
     # -- after each optimizer step -------------------------------------------------------------------
 
@@ -159,7 +176,6 @@ class DPOWorker:
         config, step = self.config, self.step
         if config.sync_ref_model and step % config.ref_model_sync_steps == 0:  # TR-DPO
             self.reference.sync_from(self.engine.module, config.ref_model_mixup_alpha)
-        _require_finite("grad_norm", norm, step)
         last = step == self.plan.total_steps
         metrics = self.training_metrics(learning_rate, norm) if log_due(step, config, last) else {}
         evaluated = bool(self.eval_rows) and eval_due(step, config, self.plan.steps_per_epoch, last)

@@ -1,0 +1,62 @@
+"""Mixed precision, with TRL's field names (`bf16`, `fp16`, `tf32`) and DeepSpeed's semantics.
+
+Under DeepSpeed, as under TRL with DeepSpeed, bf16/fp16 mean: the policy's weights and activations
+in that dtype, fp32 master weights in the optimizer (and, for fp16, DeepSpeed's dynamic loss scaler).
+Every reference mode computes in the same dtype (`to_compute_dtype`). Log-probs and losses are
+computed in float32 or wider whatever the model's dtype (logprobs.py).
+
+`resolve` makes `bf16=None` definite in each worker process, where the device is known: True on a
+GPU that supports it (TRL's default), False on CPU workers (TRL would use CPU autocast; raydpo's CPU
+runs stay in float32, where they match TRL's numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from raydpo.config import DPOConfig
+
+
+def resolve(config: DPOConfig, on_gpu: bool) -> DPOConfig:
+    """bf16=None made definite for a process whose device is a GPU (`on_gpu`) or a CPU: the DeepSpeed
+    dict's bf16 when it sets one, else True on a bf16-capable GPU when fp16 is off, else False."""
+    if config.bf16 is not None:
+        return config
+    bf16 = config.deepspeed_enabled("bf16")
+    if bf16 is None:
+        bf16 = on_gpu and not config.fp16 and torch.cuda.is_bf16_supported()
+    return dataclasses.replace(config, bf16=bf16)
+
+
+def compute_dtype(config: DPOConfig) -> torch.dtype:
+    """The dtype a resolved config's models compute in."""
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen model (a reference) on `device` in `dtype` (compute_dtype). float32 casts nothing: a
+    model loaded in another dtype on purpose (model_init_kwargs "dtype") under float32 training stays so."""
+    return model.to(device=device, dtype=None if dtype == torch.float32 else dtype)
+
+
+def fill_deepspeed(ds: dict, config: DPOConfig) -> None:
+    """DeepSpeed's bf16/fp16 sections from a resolved config; DPOConfig has checked that the user's
+    own "enabled" values agree (a contradiction is an error there, naming both)."""
+    for section, enabled in (("bf16", bool(config.bf16)), ("fp16", bool(config.fp16))):
+        part = ds.setdefault(section, {})
+        if part.get("enabled", "auto") == "auto":
+            part["enabled"] = enabled
+
+
+def set_tf32(config: DPOConfig) -> None:
+    """TF32 matmuls and convolutions on NVIDIA Ampere or newer, as transformers sets them (tf32=None
+    leaves torch's defaults). DPOConfig refuses tf32=True for CPU workers."""
+    if config.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
