@@ -268,6 +268,10 @@ def test_accumulation_boundaries():
     # the norm is measured at the boundary, before the step clears the gradients
     assert all(row["grad_norm"] > 0 for row in run.context.logged)
     assert [row["learning_rate"] for row in run.context.logged] == [0.1, 0.1]
+    # throughput: each window's tokens over its wall time (one worker here)
+    for before, row in zip([0.0] + [r["num_tokens"] for r in run.context.logged], run.context.logged):
+        tokens = row["num_tokens"] - before
+        assert tokens > 0 and row["tokens_per_second_per_worker"] == pytest.approx(tokens / row["step_time"], rel=1e-6)
 
 
 def test_fp16_overflow_skips_the_update_and_goes_on():

@@ -200,10 +200,15 @@ class DPOWorker:
 
     def training_metrics(self, learning_rate: float, norm: float) -> dict:
         """The logging window's averages (all-reduced over workers) and the step's own values."""
+        tokens_before = self.window.total_tokens
         metrics = self.window.reduce()
-        # wall seconds per optimizer step since the last log, evaluation and save excluded (a raydpo extra)
+        # Wall seconds per optimizer step since the last log, evaluation and save excluded, and train
+        # tokens (num_tokens' count: non-pad chosen and rejected tokens) per second per worker (raydpo extras).
+        elapsed = time.perf_counter() - self.window_started
         metrics.update(grad_norm=norm, learning_rate=learning_rate,
-                       step_time=(time.perf_counter() - self.window_started) / (self.step - self.window_start_step))
+                       step_time=elapsed / (self.step - self.window_start_step),
+                       tokens_per_second_per_worker=(metrics["num_tokens"] - tokens_before) / elapsed
+                       / self.context.world_size)
         if self.config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
             metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
         return metrics
