@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from raydpo.data.batching import SHARED_PROMPT, Batch
+from raydpo.data.batching import Batch
 from raydpo.loss_weights import wpo_weights
 from raydpo.losses import PairLogps
 
@@ -141,9 +141,10 @@ def _completion_view(model, batch: Batch, router_logits: bool = False):
     TRL asks for it) over the batch's attention mask; aux_loss is None otherwise. Standard batches only:
     a shared-prompt batch routes other tokens than TRL's layout does.
     """
-    if batch.layout == SHARED_PROMPT:
+    if batch.gathered:
         if router_logits:
-            raise ValueError("an MoE load-balancing loss needs the two-sequence layout (share_prompt=False)")
+            raise ValueError("an MoE load-balancing loss needs the padded two-sequence layout "
+                             "(share_prompt=False, padding_free=False)")
         return _shared_prompt_logits(model, batch), batch.side_input_ids, batch.completion_mask, \
             batch.logp_weights, None
     input_ids, completion_mask, weights = batch.input_ids, batch.completion_mask, batch.logp_weights

@@ -146,8 +146,9 @@ MASK_KERNELS = ("sdpa", "eager")
 
 
 def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
-    """Why this model cannot run the shared-prompt layout (prompt once, rejected masked off chosen), or
-    None when it can. The padded layout is then used: the same numbers, more tokens per pair."""
+    """Why this model cannot run the gathered layouts (shared prompt, padding-free: a [B, 1, S, S] mask
+    and raydpo's own LM head over the gathered positions), or None when it can. The padded layout is then
+    used: the same numbers, more tokens per pair."""
     if aux_loss_coef:
         return "an MoE load-balancing loss (router_aux_loss_coef), which TRL computes over the two-sequence layout"
     attention = getattr(text_config(model), "_attn_implementation", None) or "sdpa"
@@ -161,15 +162,17 @@ def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
 
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
-    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt off, with a logged reason,
-    where the shared-prompt layout cannot run or would change the numbers (`shared_prompt_blocker`)."""
+    MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt and padding_free off, with a
+    logged reason, where their layouts cannot run or would change the numbers (`shared_prompt_blocker`)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
-    share_prompt = config.share_prompt
-    if share_prompt:
+    share_prompt, padding_free = config.share_prompt, config.padding_free
+    if share_prompt or padding_free:
         reason = shared_prompt_blocker(model, coef)
         if reason:
-            logger.warning("share_prompt is off for this model: %s; batches use the padded layout", reason)
-            share_prompt = False
-    if coef == config.router_aux_loss_coef and share_prompt == config.share_prompt:
+            asked = " and ".join(name for name, on in (("share_prompt", share_prompt), ("padding_free", padding_free))
+                                 if on)
+            logger.warning("%s off for this model: %s; batches use the padded layout", asked, reason)
+            share_prompt = padding_free = False
+    if (coef, share_prompt, padding_free) == (config.router_aux_loss_coef, config.share_prompt, config.padding_free):
         return config
-    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt)
+    return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt, padding_free=padding_free)

@@ -23,8 +23,7 @@ RUN_KEYS = ("model", "ref_model", "train_dataset", "eval_dataset")
 
 # TRL 1.16 DPOConfig fields that are not transformers TrainingArguments fields and that raydpo lacks
 # (tests/test_trl_cli.py checks this list against the installed TRL).
-TRL_ONLY_UNSUPPORTED = ("activation_offloading", "dataset_num_proc", "pad_to_multiple_of", "pad_token",
-                        "padding_free")
+TRL_ONLY_UNSUPPORTED = ("activation_offloading", "dataset_num_proc", "pad_to_multiple_of", "pad_token")
 # TRL's DatasetMixtureConfig (the `datasets:` section of a `trl dpo` config).
 MIXTURE_KEYS = ("datasets", "streaming", "test_split_size")
 WHY = {

@@ -17,7 +17,8 @@ def test_sdpa_and_eager_keep_the_shared_prompt(tiny_model, attention, caplog):
     assert model.config._attn_implementation == attention in MASK_KERNELS
     with caplog.at_level(logging.WARNING):
         assert fit_to_model(config, model).share_prompt is True
-    assert "share_prompt" not in caplog.text
+        assert fit_to_model(DPOConfig(output_dir="o", padding_free=True), model).padding_free is True
+    assert "share_prompt" not in caplog.text and "padding_free" not in caplog.text
 
 
 @pytest.mark.parametrize("attention", ["flash_attention_2", "flash_attention_3", "flex_attention"])
@@ -30,3 +31,7 @@ def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, at
     assert fitted.share_prompt is False
     assert f"attn_implementation={attention!r}" in caplog.text and "padded layout" in caplog.text
     assert fit_to_model(DPOConfig(output_dir="o", share_prompt=False), model).share_prompt is False  # nothing to say
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # padding_free's dense mask: the same fallback, named
+        fitted = fit_to_model(DPOConfig(output_dir="o", share_prompt=False, padding_free=True), model)
+    assert fitted.padding_free is False and "padding_free off" in caplog.text

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from raydpo.data.batching import SHARED_PROMPT, collate
@@ -109,3 +110,42 @@ def test_shared_prompt_layout_equals_two_sequences(tiny_model):
     for x, y in zip(grads_a, grads_b):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
     assert collate(rows, 0, max_length=6, truncation_mode="keep_end", share_prompt=True).gather_index is None
+
+
+@pytest.mark.parametrize("share_prompt, max_length, truncation_mode", [
+    (False, 9, "keep_start"), (True, 9, "keep_start"), (False, 6, "keep_end"), (False, None, "keep_start")])
+def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_length, truncation_mode):
+    """Every sequence end to end in one row, no pad token: the same log-probs, token metrics and
+    gradients as the padded layout (LD-DPO weights and WPO's statistics included), keep_end too."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.data.batching import PADDING_FREE, token_counts
+    from raydpo.logprobs import model_completion_stats
+    from raydpo.loss_weights import ld_weights
+
+    rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
+            {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]},
+            {"prompt_ids": [1, 6, 6], "chosen_ids": [9], "rejected_ids": [8, 8, 2]}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def run(batch):
+        model.zero_grad()
+        batch = dataclasses.replace(batch, logp_weights=ld_weights(batch.completion_mask, 0.5))
+        stats = model_completion_stats(model, batch, wpo=True)
+        (stats.logps.sum() + stats.token_logps.sum()).backward()
+        return stats, [p.grad.clone() for p in model.parameters()]
+
+    options = dict(pad_token_id=0, max_length=max_length, truncation_mode=truncation_mode)
+    padded = collate(rows, **options)
+    free = collate(rows, **options, share_prompt=share_prompt, padding_free=True)
+    assert free.layout == PADDING_FREE and free.input_ids.shape[0] == 1
+    assert 0 not in free.input_ids.tolist()[0][1:]  # no pad token (0) in what the model reads
+    counts_free, counts_padded = token_counts(free), token_counts(padded)
+    assert counts_free[0] == counts_padded[0]  # TRL's count: prompts counted twice
+    assert counts_free[1] == counts_free[2] < counts_padded[2]  # every position holds a token
+    (a, grads_a), (b, grads_b) = run(padded), run(free)
+    for name in ("logps", "token_logps", "tokens", "entropy", "mean_logits", "correct", "wpo"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(free.completion_mask.sum(1), padded.completion_mask.sum(1))  # ipo's token count
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)

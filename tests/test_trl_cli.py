@@ -131,7 +131,6 @@ def test_flags_parse_as_trl_parses_them(tmp_path):
 
 
 @pytest.mark.parametrize("extra, flags, named", [
-    ({"padding_free": True}, [], "padding_free"),
     ({"datasets": [{"path": "x"}]}, [], "datasets"),
     ({}, ["--load_in_4bit"], "load_in_4bit"),
     ({}, ["--dataset_streaming"], "dataset_streaming"),

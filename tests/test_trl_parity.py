@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from raydpo import DPOConfig
-from raydpo.data.batching import SHARED_PROMPT, token_counts
+from raydpo.data.batching import PADDED, PADDING_FREE, SHARED_PROMPT, token_counts
 from raydpo.data.tokenize import tokenize_row
 from raydpo.losses import LOSSES
 from raydpo.reference import InWorkerReference
@@ -74,7 +74,7 @@ def raydpo_first_step(model_path, ref_path, rows, options) -> dict:
     config = DPOConfig(max_length=32, per_device_train_batch_size=len(rows), **options)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     batch = make_batch([tokenize_row(tokenizer, row) for row in rows], config, tokenizer, tokenizer.pad_token_id)
-    assert (batch.layout == SHARED_PROMPT) == config.share_prompt
+    assert batch.layout == (PADDING_FREE if config.padding_free else SHARED_PROMPT if config.share_prompt else PADDED)
     policy = load_model(model_path, config)
     reference = InWorkerReference(load_model(ref_path, config), {})
     loss, per_pair, per_token = dpo_step(policy, reference, batch, config)
@@ -89,9 +89,10 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
     torch.manual_seed(0)
     rows = parity_rows[:4]
     theirs = trl_first_step(tiny_model, reference_model, rows, options, str(tmp_path))
-    ours = raydpo_first_step(tiny_model, reference_model, rows, options)
-    for name in COMPARED:
-        assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), name
+    for padding_free in (False, True):  # raydpo's padding-free layout against TRL's padded one
+        ours = raydpo_first_step(tiny_model, reference_model, rows, {**options, "padding_free": padding_free})
+        for name in COMPARED:
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), (name, padding_free)
     assert theirs["rewards/margins"] != 0.0  # a real comparison: policy and reference differ
 
 

@@ -18,6 +18,7 @@ from raydpo.loss_weights import ld_weights
 
 PADDED = "padded"  # [2B, T]: every prompt+chosen sequence, then every prompt+rejected one (`collate`)
 SHARED_PROMPT = "shared_prompt"  # [B, S]: one prompt+chosen+rejected sequence per pair (`collate_shared_prompt`)
+PADDING_FREE = "padding_free"  # [1, S]: every sequence of the micro-batch end to end, no padding (`collate_padding_free`)
 
 
 @dataclass
@@ -28,15 +29,17 @@ class Batch:
     `completion_mask` marks the scored tokens of `scored_ids` (input_ids itself in the padded layout).
     """
 
-    layout: str  # PADDED or SHARED_PROMPT
-    input_ids: torch.Tensor  # what the model reads: [2B, T] padded, [B, S] shared_prompt
-    attention_mask: torch.Tensor  # [2B, T] padded; [B, 1, S, S] boolean shared_prompt (rejected skips chosen)
+    layout: str  # PADDED, SHARED_PROMPT or PADDING_FREE
+    input_ids: torch.Tensor  # what the model reads: [2B, T] padded, [B, S] shared_prompt, [1, S] padding_free
+    attention_mask: torch.Tensor  # [2B, T] padded; [B or 1, 1, S, S] boolean in the gathered layouts
     completion_mask: torch.Tensor  # [2B, L]: 1 on completion tokens, aligned with scored_ids
     num_tokens: int  # tokens as TRL counts them (chosen and rejected sequences' non-pad tokens: prompts twice)
     num_filled: int  # positions of input_ids that hold a token
-    position_ids: Optional[torch.Tensor] = None  # shared_prompt: rejected positions restart after the prompt
-    gather_index: Optional[torch.Tensor] = None  # shared_prompt: [2B, L - 1] flat positions predicting each token
-    side_input_ids: Optional[torch.Tensor] = None  # shared_prompt: [2B, L] each side's tokens, one leading slot
+    # The gathered layouts (shared_prompt, padding_free): the model reads input_ids once and the LM head runs
+    # only on the hidden states that predict a scored token, gathered into the per-side layout.
+    position_ids: Optional[torch.Tensor] = None  # restart per sequence (rejected: after the shared prompt)
+    gather_index: Optional[torch.Tensor] = None  # [2B, L - 1] flat positions predicting each side token
+    side_input_ids: Optional[torch.Tensor] = None  # [2B, L] each side's tokens, one leading slot
     images: Dict[str, torch.Tensor] = field(default_factory=dict)  # padded: the image processor's forward inputs
     ref_logps: Optional[torch.Tensor] = None  # [2B] float64 precomputed reference log-probs, chosen first
     logp_weights: Optional[torch.Tensor] = None  # LD-DPO token weights, aligned with completion_mask
@@ -44,7 +47,12 @@ class Batch:
     @property
     def scored_ids(self) -> torch.Tensor:
         """[2B, L] the tokens completion_mask marks, per side (chosen rows first)."""
-        return self.side_input_ids if self.layout == SHARED_PROMPT else self.input_ids
+        return self.input_ids if self.layout == PADDED else self.side_input_ids
+
+    @property
+    def gathered(self) -> bool:
+        """The model's hidden states are gathered per side (shared_prompt, padding_free)."""
+        return self.layout != PADDED
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -102,7 +110,7 @@ def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> l
 
 def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
             truncation_mode: str = "keep_start", share_prompt: bool = False, image_processor=None,
-            ld_alpha: Optional[float] = None) -> Batch:
+            ld_alpha: Optional[float] = None, padding_free: bool = False) -> Batch:
     """Pad prompt+chosen and prompt+rejected into one [2B, T] batch (chosen first), right-padded,
     each sequence truncated on its own.
 
@@ -111,7 +119,11 @@ def collate(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] =
     share_prompt: the shared-prompt layout of `collate_shared_prompt` when the batch allows it.
     Rows with images add the image processor's outputs to `images` (images.image_inputs).
     ld_alpha: LD-DPO's token weights (`loss_weights.ld_weights`), which policy and reference both read.
+    padding_free: `collate_padding_free`'s one row, no padding (with share_prompt, each pair's prompt once).
     """
+    if padding_free:
+        share = share_prompt and can_share_prompt(rows, max_length, truncation_mode)
+        return weighted(collate_padding_free(rows, pad_token_id, max_length, truncation_mode, share), ld_alpha)
     if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
         return weighted(collate_shared_prompt(rows, pad_token_id, max_length), ld_alpha)
     # e.g. Qwen2.5-VL's mm_token_type_ids: the processor's types for a vision prompt, 0 for text
@@ -229,3 +241,67 @@ def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: O
                  num_filled=sum(len(p) + len(c) + len(r) for p, c, r in pieces),
                  position_ids=position_ids, gather_index=gather_index, side_input_ids=side_input_ids,
                  ref_logps=_reference_column(rows))
+
+
+def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None,
+                         truncation_mode: str = "keep_start", share_prompt: bool = False) -> Batch:
+    """Every pair of the micro-batch end to end in one row [1, S]: no pad token in what the model reads.
+
+    Each pair is its prompt+chosen and prompt+rejected sequences (truncated as `collate` truncates
+    them), or with share_prompt one prompt+chosen+rejected sequence (as `collate_shared_prompt`). The
+    attention mask [1, 1, S, S] is block-diagonal, so a pair sees nothing of another, and position ids
+    restart per sequence: every token sees exactly what it sees in the padded layout. Log-probs are read
+    like the shared-prompt layout's (gather_index into the flat hidden states, the per-side layout).
+    Images are not supported here (DPOTrainer refuses padding_free for vision rows).
+    """
+    if any(num_images(row) for row in rows):
+        raise ValueError("padding_free does not lay out rows with images; set padding_free=False")
+    tokens, positions, spans = [], [], []  # spans: (start, end, [(masked query range, key range)])
+    sides = {"chosen_ids": [], "rejected_ids": []}  # per side and row: (side tokens, side mask, predictor positions)
+    for row in rows:
+        prompt = list(row["prompt_ids"])
+        start = len(tokens)
+        if share_prompt:  # one sequence: prompt, chosen, rejected; rejected skips chosen
+            room = None if max_length is None else max_length - len(prompt)
+            chosen, rejected = list(row["chosen_ids"])[:room], list(row["rejected_ids"])[:room]
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            tokens += prompt + chosen + rejected
+            positions += list(range(p + c)) + list(range(p, p + r))
+            spans.append((start, start + p + c + r, [((start + p + c, start + p + c + r), (start + p, start + p + c))]))
+            sides["chosen_ids"].append(([pad_token_id] + chosen, [0] + [1] * c,
+                                        list(range(start + p - 1, start + p + c - 1))))
+            sides["rejected_ids"].append(([pad_token_id] + rejected, [0] + [1] * r,
+                                          [start + p - 1] + list(range(start + p + c, start + p + c + r - 1))))
+            continue
+        for side in ("chosen_ids", "rejected_ids"):  # two sequences, as `collate` truncates them
+            completion = list(row[side])
+            sequence = truncate(prompt + completion, max_length, truncation_mode)
+            mask = truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode)
+            offset = len(tokens)
+            tokens += sequence
+            positions += list(range(len(sequence)))
+            spans.append((offset, offset + len(sequence), []))
+            # The side starts one slot before its first scored position k (t >= 1: position 0 has no
+            # predictor); the slot keeps its mask value, so the mask counts what `collate`'s does.
+            k = next((t for t in range(1, len(sequence)) if mask[t]), max(len(sequence), 1))
+            sides[side].append((sequence[k - 1:], mask[k - 1:], [offset + t - 1 for t in range(k, len(sequence))]))
+    length = len(tokens)
+    attention = torch.zeros((1, 1, length, length), dtype=torch.bool)
+    for start, end, blocked in spans:
+        attention[0, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        for (q0, q1), (k0, k1) in blocked:
+            attention[0, 0, q0:q1, k0:k1] = False
+    ordered = sides["chosen_ids"] + sides["rejected_ids"]  # chosen rows first, as in `collate`
+    width = max(len(side_tokens) for side_tokens, _, _ in ordered)
+    side_input_ids = torch.full((len(ordered), width), pad_token_id, dtype=torch.long)
+    side_completion_mask = torch.zeros((len(ordered), width), dtype=torch.long)
+    gather_index = torch.zeros((len(ordered), max(width - 1, 1)), dtype=torch.long)
+    for i, (side_tokens, side_mask, predictors) in enumerate(ordered):
+        side_input_ids[i, :len(side_tokens)] = torch.tensor(side_tokens, dtype=torch.long)
+        side_completion_mask[i, :len(side_mask)] = torch.tensor(side_mask, dtype=torch.long)
+        gather_index[i, :len(predictors)] = torch.tensor(predictors, dtype=torch.long)
+    # TRL's count: each chosen and rejected sequence's tokens, so a shared prompt twice
+    num_tokens = length + (sum(len(row["prompt_ids"]) for row in rows) if share_prompt else 0)
+    return Batch(PADDING_FREE, torch.tensor([tokens], dtype=torch.long), attention, side_completion_mask,
+                 num_tokens=num_tokens, num_filled=length, position_ids=torch.tensor([positions], dtype=torch.long),
+                 gather_index=gather_index, side_input_ids=side_input_ids, ref_logps=_reference_column(rows))

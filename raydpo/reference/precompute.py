@@ -37,8 +37,8 @@ class ReferenceLogps:
         self.device = torch.device("cuda" if on_gpu else "cpu")
         model = load_model(model_path, self.config).eval().requires_grad_(False)
         self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
-        if self.config.share_prompt and not shares_prompt_safely(self.model):
-            self.config = dataclasses.replace(self.config, share_prompt=False)
+        if not shares_prompt_safely(self.model):  # the gathered layouts apply the LM head themselves
+            self.config = dataclasses.replace(self.config, share_prompt=False, padding_free=False)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -60,7 +60,8 @@ class ReferenceLogps:
             return [], []
         # the training loop's batch, LD-DPO weights included (collate's ld_alpha), so the numbers are the same
         batch = collate(rows, self.pad_token_id, self.config.max_length, self.config.truncation_mode,
-                        self.config.share_prompt, ld_alpha=self.config.ld_alpha).to(self.device)
+                        self.config.share_prompt, ld_alpha=self.config.ld_alpha,
+                        padding_free=self.config.padding_free).to(self.device)
         with torch.no_grad():
             chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
         return chosen.tolist(), rejected.tolist()

@@ -19,7 +19,7 @@ def make_batch(rows: list, config: DPOConfig, tokenizer, pad_token_id: int) -> B
     """The chosen+rejected batch of these rows, LD-DPO weights included (a vision batch with its pixel values)."""
     image_processor = getattr(tokenizer, "image_processor", None)
     return collate(rows, pad_token_id, config.max_length, config.truncation_mode, config.share_prompt,
-                   image_processor, ld_alpha=config.ld_alpha)
+                   image_processor, ld_alpha=config.ld_alpha, padding_free=config.padding_free)
 
 
 def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig):

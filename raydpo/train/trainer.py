@@ -254,6 +254,9 @@ class DPOTrainer:
                 raise ValueError(f"{name} has {data.num_rows} rows, fewer than num_workers={self.args.num_workers}: "
                                  "every worker needs at least one pair")
         vision = any(data is not None and data.vision for data in (self.train_data, self.eval_data))
+        if vision and self.args.padding_free:
+            raise ValueError("padding_free is not supported for rows with images: their pixel inputs need the padded "
+                             "layout; set padding_free=False")
         if vision and (self.args.precompute_ref_log_probs or self.args.stream_ref_log_probs):
             raise ValueError("precompute_ref_log_probs and stream_ref_log_probs are not supported for rows with images "
                              "(as in TRL): the reference actors score text batches only; use the in-worker reference")
