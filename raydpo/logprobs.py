@@ -96,15 +96,50 @@ def completion_stats(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
                      chunk_size: Optional[int] = None) -> CompletionStats:
     """Sums over completion tokens. `weights` ([N, T], aligned with input_ids) replaces the completion
     mask in `logps` only; it carries LD-DPO's down-weighting of a longer completion's tail."""
+    values = _ChunkedTokenLogps.apply(logits, input_ids[:, 1:], _chunk_size(logits, chunk_size), metrics, wpo)
+    return _sums(completion_mask, weights, wpo, *values)
+
+
+def _sums(completion_mask, weights, wpo: bool, logps, entropy, mean_logits, top1, log_sum_sq) -> CompletionStats:
+    """Per-position values [N, L] summed over each sequence's scored tokens."""
     mask = completion_mask[:, 1:].float()
     weight = mask if weights is None else weights[:, 1:].float()
-    logps, entropy, mean_logits, top1, log_sum_sq = _ChunkedTokenLogps.apply(
-        logits, input_ids[:, 1:], _chunk_size(logits, chunk_size), metrics, wpo)
     masked_sum = lambda t: None if t is None else (t * mask).sum(1)  # noqa: E731
     return CompletionStats(
         logps=(logps * weight).sum(1), token_logps=masked_sum(logps), tokens=mask.sum(1),
         entropy=masked_sum(entropy), mean_logits=masked_sum(mean_logits), correct=masked_sum(top1),
         wpo=masked_sum(logps.detach() - log_sum_sq) if wpo else None)
+
+
+# Above this many bytes of [N, L, V] logits the policy's LM head runs chunk by chunk (`head_completion_stats`).
+FUSED_HEAD_BYTES = 2 ** 30
+
+
+def _head_chunk(head, hidden, labels, with_metrics: bool, with_sum_sq: bool):
+    """One chunk of the LM head and its per-position values, as `_ChunkedTokenLogps` computes them."""
+    logits = head(hidden)
+    return _ChunkedTokenLogps.apply(logits, labels, labels.shape[1], with_metrics, with_sum_sq)
+
+
+def head_completion_stats(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                          completion_mask: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                          metrics: bool = False, wpo: bool = False, chunk_size: Optional[int] = None) -> CompletionStats:
+    """`completion_stats` of `head(hidden)` without ever holding the [N, L, V] logits: hidden[:, t]
+    predicts input_ids[:, t + 1]. Each chunk of positions runs the head under torch's (non-reentrant)
+    activation checkpointing, so the backward recomputes that chunk's logits instead of keeping them:
+    one extra LM-head matmul for a [N, chunk, V] peak instead of [N, L, V] (TRL 1.16's fused LM head
+    does the same). The head runs as a module, so ZeRO-3 gathers its weight as for any forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    labels = input_ids[:, 1:]
+    length = labels.shape[1]
+    vocabulary = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    size = chunk_size or max(1, CHUNK_ELEMENTS // (labels.shape[0] * vocabulary))
+    parts = [checkpoint(_head_chunk, head, hidden[:, start:start + size], labels[:, start:start + size], metrics, wpo,
+                        use_reentrant=False)
+             for start in range(0, length, size)]
+    joined = [None if parts[0][i] is None else torch.cat([part[i] for part in parts], 1) for i in range(5)]
+    return _sums(completion_mask, weights, wpo, *joined)
 
 
 def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -127,42 +162,89 @@ def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not o
         return False
 
 
-def _completion_view(model, batch: Batch, router_logits: bool = False):
-    """(logits, input_ids, completion_mask, weights, aux_loss) in `collate`'s [2B, ...] per-side layout,
-    where logits[:, t] scores input_ids[:, t + 1]. Two ways to get there, both skipping logits no token needs:
+@dataclass
+class _CompletionView:
+    """What the log-probs are read from, in `collate`'s [2B, ...] per-side layout: either `logits`
+    (position t scores input_ids[:, t + 1]), or `hidden` states with the model's LM `head`, which
+    `head_completion_stats` runs chunk by chunk (the [2B, L, V] logits never exist)."""
 
-    - standard batches: the LM head runs only from the first position any sequence scores (the
+    input_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    weights: Optional[torch.Tensor]
+    aux_loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    head: Optional[torch.nn.Module] = None
+
+    def stats(self, metrics: bool = False, wpo: bool = False) -> CompletionStats:
+        if self.hidden is not None:
+            return head_completion_stats(self.head, self.hidden, self.input_ids, self.completion_mask, self.weights,
+                                         metrics=metrics, wpo=wpo)
+        return completion_stats(self.logits, self.input_ids, self.completion_mask, self.weights, metrics=metrics,
+                                wpo=wpo)
+
+
+def _fuse_head(model, rows: int, positions: int) -> bool:
+    """Run the LM head chunk by chunk when the [rows, positions, V] logits would pass FUSED_HEAD_BYTES
+    (only for models whose logits are exactly lm_head(final hidden state))."""
+    head = _unwrapped(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        return False
+    vocabulary = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    size = rows * positions * vocabulary * max(head.weight.element_size(), 4)  # log-softmax is >= float32
+    return size > FUSED_HEAD_BYTES and shares_prompt_safely(model)
+
+
+def _completion_view(model, batch: Batch, router_logits: bool = False) -> _CompletionView:
+    """The model's forward over the batch, skipping logits no token needs:
+
+    - padded batches: the LM head runs only from the first position any sequence scores (the
       prompt part is never scored; the head is most of a small model's FLOPs and a [N, T, V] tensor);
       a vision batch's pixel values (`batch.images`) go to the same forward;
-    - shared-prompt batches (`collate_shared_prompt`): the body runs once per pair, and the head only
-      on the hidden states that predict a completion token, gathered into the per-side layout.
+    - the gathered layouts (`collate_shared_prompt`, `collate_padding_free`): the body runs once per
+      pair (or once per micro-batch), and the head only on the hidden states that predict a completion
+      token, gathered into the per-side layout.
+    Where the logits would be large (`_fuse_head`), the head is left to `head_completion_stats`.
 
     router_logits: an MoE model also returns its load-balancing loss (`output_router_logits=True`, as
-    TRL asks for it) over the batch's attention mask; aux_loss is None otherwise. Standard batches only:
-    a shared-prompt batch routes other tokens than TRL's layout does.
+    TRL asks for it) over the batch's attention mask; aux_loss is None otherwise. Padded batches only:
+    a gathered batch routes other tokens than TRL's layout does.
     """
     if batch.gathered:
         if router_logits:
             raise ValueError("an MoE load-balancing loss needs the padded two-sequence layout "
                              "(share_prompt=False, padding_free=False)")
-        return _shared_prompt_logits(model, batch), batch.side_input_ids, batch.completion_mask, \
-            batch.logp_weights, None
+        hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids)[0]
+        picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
+        view = _CompletionView(batch.side_input_ids, batch.completion_mask, batch.logp_weights)
+        head = _unwrapped(model).get_output_embeddings()
+        if _fuse_head(model, *batch.gather_index.shape):
+            view.hidden, view.head = picked, head
+        else:
+            view.logits = head(picked)
+        return view
     input_ids, completion_mask, weights = batch.input_ids, batch.completion_mask, batch.logp_weights
     scored = completion_mask[:, 1:].any(0)
     first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
     kwargs = {"input_ids": input_ids, "attention_mask": batch.attention_mask, "use_cache": False, **batch.images}
-    if first > 0 and _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
-    else:
-        first = 0
     if router_logits:
         kwargs["output_router_logits"] = True
-    outputs = model(**kwargs)
-    aux_loss = None
-    if router_logits:  # a tensor, or 0 when the model returned no router logits
-        aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=outputs.logits.device)
     cut = lambda t: None if t is None else t[:, first:]  # noqa: E731
-    return outputs.logits, cut(input_ids), cut(completion_mask), cut(weights), aux_loss
+    if not batch.images and _fuse_head(model, input_ids.shape[0], input_ids.shape[1] - first):
+        hidden, outputs = _hidden_states(model, **kwargs)
+        view = _CompletionView(cut(input_ids), cut(completion_mask), cut(weights), hidden=hidden[:, first:],
+                               head=_unwrapped(model).get_output_embeddings())
+    else:
+        if first > 0 and _accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
+        else:
+            first = 0
+        outputs = model(**kwargs)
+        view = _CompletionView(cut(input_ids), cut(completion_mask), cut(weights), logits=outputs.logits)
+    if router_logits:  # a tensor, or 0 when the model returned no router logits
+        view.aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=input_ids.device)
+    return view
 
 
 def _unwrapped(model):
@@ -170,21 +252,18 @@ def _unwrapped(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
 
 
-def _shared_prompt_logits(model, batch: Batch) -> torch.Tensor:
-    """[2B, L, V] logits of the gathered positions. The model runs as usual (through its DeepSpeed
-    engine, so ZeRO-3 gathering and autocast apply) with logits_to_keep=1; a hook takes the body's
-    final hidden states, and the LM head then runs on the gathered rows only."""
-    inner = _unwrapped(model)
+def _hidden_states(model, **inputs) -> tuple:
+    """(the body's final hidden states [N, T, H], the model's outputs). The model runs as usual
+    (through its DeepSpeed engine, so ZeRO-3 gathering and autocast apply) with logits_to_keep=1; a
+    hook takes the body's output, so the caller runs the LM head only where a token is scored."""
     captured = []
-    hook = inner.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    hook = _unwrapped(model).get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output[0]))
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+        outputs = model(**{"use_cache": False, **inputs}, logits_to_keep=1)
     finally:
         hook.remove()
-    hidden = captured[-1]
-    picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
-    return inner.get_output_embeddings()(picked)
+    return captured[-1], outputs
 
 
 def text_config(model):
@@ -207,16 +286,15 @@ def model_completion_logps(model, batch: Batch) -> torch.Tensor:
 
     A batch may carry `logp_weights` (LD-DPO, `loss_weights.ld_weights`); the reference must use the
     same weights as the policy, and reads them from the batch."""
-    logits, input_ids, completion_mask, weights, _ = _completion_view(model, batch)
-    return completion_logps(logits, input_ids, completion_mask, weights=weights)
+    return _completion_view(model, batch).stats().logps
 
 
 def model_completion_stats(model, batch: Batch, wpo: bool = False, router_logits: bool = False) -> CompletionStats:
     """The policy's forward: sequence log-probs and the token metrics, in one chunked pass (and with
     router_logits an MoE model's load-balancing loss)."""
-    logits, input_ids, completion_mask, weights, aux_loss = _completion_view(model, batch, router_logits)
-    stats = completion_stats(logits, input_ids, completion_mask, weights=weights, metrics=True, wpo=wpo)
-    stats.aux_loss = aux_loss
+    view = _completion_view(model, batch, router_logits)
+    stats = view.stats(metrics=True, wpo=wpo)
+    stats.aux_loss = view.aux_loss
     return stats
 
 

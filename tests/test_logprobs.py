@@ -149,3 +149,40 @@ def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_
     torch.testing.assert_close(free.completion_mask.sum(1), padded.completion_mask.sum(1))  # ipo's token count
     for x, y in zip(grads_a, grads_b):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt", "padding_free"])
+def test_chunked_lm_head_equals_full_logits_and_keeps_none(tiny_model, layout, monkeypatch):
+    """Past FUSED_HEAD_BYTES the LM head runs chunk by chunk under activation checkpointing: the same
+    log-probs, metrics, WPO statistics and gradients as the full logits, and no [N, L, V] logits tensor
+    is saved for the backward (only [N, chunk, V] slices exist, one at a time)."""
+    from transformers import AutoModelForCausalLM
+
+    import raydpo.logprobs as logprobs
+    from raydpo.logprobs import model_completion_stats
+    from raydpo.loss_weights import ld_weights
+
+    rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2, 5, 5, 6], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
+            {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    vocabulary = model.config.vocab_size
+    batch = collate(rows, 0, max_length=12, share_prompt=layout == "shared_prompt", padding_free=layout == "padding_free")
+    batch = dataclasses.replace(batch, logp_weights=ld_weights(batch.completion_mask, 0.5))
+
+    def run(fused: bool):
+        monkeypatch.setattr(logprobs, "FUSED_HEAD_BYTES", 0 if fused else 2 ** 62)
+        monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 4 * vocabulary)  # 3 positions of 4 rows per chunk
+        saved = []
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            stats = model_completion_stats(model, batch, wpo=True)
+        (stats.logps.sum() + stats.token_logps.sum()).backward()
+        widest = max((shape[-2] for shape in saved if len(shape) == 3 and shape[-1] == vocabulary), default=0)
+        return stats, [p.grad.clone() for p in model.parameters()], widest
+
+    (full, grads_full, widest_full), (fused, grads_fused, widest_fused) = run(False), run(True)
+    for name in ("logps", "token_logps", "tokens", "entropy", "mean_logits", "correct", "wpo"):
+        torch.testing.assert_close(getattr(fused, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+    for x, y in zip(grads_full, grads_fused):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+    assert widest_full > 3 and widest_fused == 0  # full: [N, L, V] logits kept; chunked: none at all
