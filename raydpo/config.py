@@ -243,12 +243,11 @@ class DPOConfig:
                 "the two-sequence layout."})
     disable_dropout: bool = field(default=True, metadata={
         "help": "Set dropout to 0 in the policy, the reference and PEFT adapters."})
-    gradient_checkpointing: bool = field(default=False, metadata={
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={
         "help": "Recompute activations in the backward to save memory (transformers' "
                 "gradient_checkpointing_enable; equal to off within 1e-5 in fp32, tests/test_gradient_checkpointing.py). "
-                "The default differs from TRL 1.16's (True): on CPU workers the recomputation costs time and "
-                "memory is rarely short. Set it on GPUs for TRL's memory profile; the numbers are the same "
-                "either way."})
+                "None: TRL 1.16's default (True) on GPU workers, False on CPU workers, where the recomputation "
+                "costs time and memory is rarely short. The numbers are the same either way."})
     bf16: Optional[bool] = field(default=None, metadata={
         "help": "bfloat16 mixed precision (DeepSpeed's bf16: bf16 weights and activations, fp32 master "
                 "weights in the optimizer); every reference mode computes in bf16 too. None: True on GPU "

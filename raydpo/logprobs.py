@@ -187,7 +187,8 @@ class _CompletionView:
 def _fuse_head(model, rows: int, positions: int) -> bool:
     """Run the LM head chunk by chunk when the [rows, positions, V] logits would pass FUSED_HEAD_BYTES
     (only for models whose logits are exactly lm_head(final hidden state))."""
-    head = _unwrapped(model).get_output_embeddings()
+    output_embeddings = getattr(_unwrapped(model), "get_output_embeddings", None)
+    head = output_embeddings() if output_embeddings else None
     if head is None or not hasattr(head, "weight"):
         return False
     vocabulary = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]

@@ -7,7 +7,8 @@ computed in float32 or wider whatever the model's dtype (logprobs.py).
 
 `resolve` makes `bf16=None` definite in each worker process, where the device is known: True on a
 GPU that supports it (TRL's default), False on CPU workers (TRL would use CPU autocast; raydpo's CPU
-runs stay in float32, where they match TRL's numbers).
+runs stay in float32, where they match TRL's numbers). `gradient_checkpointing=None` resolves the
+same way: TRL's True on GPU workers, False on CPU workers.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from raydpo.config import DPOConfig
 
 
 def resolve(config: DPOConfig, on_gpu: bool) -> DPOConfig:
-    """bf16=None made definite for a process whose device is a GPU (`on_gpu`) or a CPU: the DeepSpeed
-    dict's bf16 when it sets one, else True on a bf16-capable GPU when fp16 is off, else False."""
-    if config.bf16 is not None:
-        return config
-    bf16 = config.deepspeed_enabled("bf16")
+    """The defaults that depend on the device, made definite for a process whose device is a GPU
+    (`on_gpu`) or a CPU:
+    - bf16=None: the DeepSpeed dict's bf16 when it sets one, else True on a bf16-capable GPU when fp16
+      is off, else False;
+    - gradient_checkpointing=None: True on a GPU (TRL's default), False on a CPU."""
+    bf16, checkpointing = config.bf16, config.gradient_checkpointing
     if bf16 is None:
-        bf16 = on_gpu and not config.fp16 and torch.cuda.is_bf16_supported()
-    return dataclasses.replace(config, bf16=bf16)
+        bf16 = config.deepspeed_enabled("bf16")
+        if bf16 is None:
+            bf16 = on_gpu and not config.fp16 and torch.cuda.is_bf16_supported()
+    if checkpointing is None:
+        checkpointing = on_gpu
+    if (bf16, checkpointing) == (config.bf16, config.gradient_checkpointing):
+        return config
+    return dataclasses.replace(config, bf16=bf16, gradient_checkpointing=checkpointing)
 
 
 def compute_dtype(config: DPOConfig) -> torch.dtype:

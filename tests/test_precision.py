@@ -14,6 +14,13 @@ def config(**options):
     return DPOConfig(output_dir="unused", report_to="none", **options)
 
 
+def test_gradient_checkpointing_none_is_trls_true_on_gpus_only():
+    assert config().gradient_checkpointing is None
+    assert precision.resolve(config(), on_gpu=True).gradient_checkpointing is True
+    assert precision.resolve(config(), on_gpu=False).gradient_checkpointing is False
+    assert precision.resolve(config(gradient_checkpointing=True), on_gpu=False).gradient_checkpointing is True
+
+
 def test_bf16_none_resolves_per_device_and_follows_the_deepspeed_config(monkeypatch):
     assert config().bf16 is None  # unresolved until a process knows its device
     assert precision.resolve(config(), on_gpu=False).bf16 is False  # CPU workers stay in float32

@@ -116,6 +116,8 @@ def test_flags_parse_as_trl_parses_them(tmp_path):
     # False on CPU workers: precision.resolve), and an explicit value is TRL's
     assert ours.bf16 is None and config.bf16 is True
     assert parse_train_args(flags + ["--bf16", "true", "--fp16", "false"]).config.bf16 is True
+    # gradient_checkpointing likewise (TRL_CONFIG sets it: True on both sides); unset, raydpo's None
+    assert ours.gradient_checkpointing is True is config.gradient_checkpointing
     for name in sorted(shared - {"model_init_kwargs", "report_to", "loss_type", "output_dir", "bf16"}):
         theirs = getattr(config, name)
         theirs = getattr(theirs, "value", theirs)  # transformers' enums (eval_strategy, optim, ...)
