@@ -225,6 +225,8 @@ def raydpo_options(system: str) -> dict:
             options["share_prompt"] = False
         elif part == "pf":  # padding_free: every sequence of a micro-batch end to end, no padding
             options["padding_free"] = True
+        elif part == "fa":  # FlashAttention 2 (installed separately); the gathered layouts fall back to padding
+            options["model_init_kwargs"] = {"attn_implementation": "flash_attention_2"}
         else:
             raise SystemExit(f"unknown raydpo system option {part!r} in {system!r}")
     return options
@@ -262,7 +264,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--systems", default="trl,raydpo-1,raydpo-2,raydpo-1-noshare,raydpo-1-pre",
                         help="trl, trl-keepmem (with raydpo's malloc settings), and "
-                             "raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare][-pf]")
+                             "raydpo-<workers>[-z<ZeRO stage>][-pre][-noshare][-pf][-fa]")
     parser.add_argument("--work-dir", default=os.path.expanduser("~/.cache/raydpo/bench"))
     parser.add_argument("--profile", choices=sorted(PROFILES), default=os.environ.get("RAYDPO_BENCH_PROFILE", "cpu"))
     parser.add_argument("--gradient-checkpointing", choices=["off", "on"],
