@@ -289,7 +289,8 @@ def main():
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from bench.mfu import matmul_flops_per_second, step_flops
+    from bench.mfu import matmul_flops_per_second
+    from raydpo.flops import step_flops
 
     ceiling = matmul_flops_per_second(os.cpu_count() or 1, gpu_bf16=PROFILE["gpu"])
     summaries = []
@@ -323,14 +324,10 @@ def token_lengths(model_dir: str, rows: list) -> list:
     from transformers import AutoTokenizer
 
     from raydpo.data.tokenize import tokenize_row
+    from raydpo.flops import sequence_lengths
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lengths = []
-    for row in rows:
-        tokens = tokenize_row(tokenizer, row)
-        for side in ("chosen_ids", "rejected_ids"):
-            lengths.append(min(PROFILE["max_length"], len(tokens["prompt_ids"]) + len(tokens[side])))
-    return lengths
+    return sequence_lengths([tokenize_row(tokenizer, row) for row in rows], PROFILE["max_length"])
 
 
 def print_table(summaries: list, ceiling: float):

@@ -1,40 +1,21 @@
-"""Model FLOPs of a DPO step and the machine's matrix-multiply ceiling, for MFU.
+"""The machine's matrix-multiply ceiling, and a DPO step's model FLOPs (counted by raydpo/flops.py,
+whose docstring says how), for MFU.
 
     .venv/bin/python bench/mfu.py [--threads 2] [--size 2048]
-
-Model FLOPs count useful work on non-pad tokens only:
-- a forward costs 2 FLOPs per weight-matrix parameter per token (the LM head included; the
-  embedding lookup is free) plus causal attention, 2 * layers * hidden * length^2 per sequence
-  (QK^T and AV over the lower triangle);
-- the policy runs forward and backward (3 forwards' worth), the reference one forward when it runs
-  in the step (not when its log-probs were precomputed);
-- chosen and rejected sequences are each counted whole (prompt included), as both systems compute them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def matmul_parameters(config) -> int:
-    """Weight-matrix parameters a token passes through: every layer's projections and the LM head."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q = hidden * config.num_attention_heads * head_dim
-    kv = 2 * hidden * config.num_key_value_heads * head_dim
-    o = config.num_attention_heads * head_dim * hidden
-    mlp = 3 * hidden * config.intermediate_size
-    return layers * (q + kv + o + mlp) + hidden * config.vocab_size
-
-
-def step_flops(config, sequence_lengths: list, reference_forward: bool = True) -> float:
-    """Model FLOPs of one optimizer step over these (non-pad) sequence lengths."""
-    n = matmul_parameters(config)
-    forward = sum(2 * n * t + 2 * config.num_hidden_layers * config.hidden_size * t * t for t in sequence_lengths)
-    return forward * (3 + (1 if reference_forward else 0))
+from raydpo.flops import matmul_parameters, step_flops  # noqa: E402
 
 
 def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 5, gpu_bf16: bool = False) -> float:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from raydpo import DPOConfig
 from raydpo.data.batching import epoch_order, row_length
@@ -30,6 +31,9 @@ class TinyLM(torch.nn.Module):
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(VOCAB, 8)
         self.head = torch.nn.Linear(8, VOCAB)
+        # the shape raydpo/flops.py counts (mfu): 1 layer of width 8, MLP 16, 2 heads of 4
+        self.config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2)
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
         return SimpleNamespace(logits=self.head(self.embed(input_ids)))
@@ -291,3 +295,33 @@ def test_fp16_overflow_skips_the_update_and_goes_on():
     with pytest.raises(FloatingPointError, match="non-finite grad_norm .* at step 2"):
         fp32.train()
     assert [row["global_step"] for row in fp32.context.logged] == [1]
+
+
+def test_flops_count_by_hand():
+    from raydpo import flops
+
+    config = TinyLM().config
+    # per layer: q 8*2*4 + k,v 2*8*2*4 + o 2*4*8 + MLP 3*8*16 = 640; LM head 8*16 = 128
+    assert flops.matmul_parameters(config) == 768
+    # forward: 2 * 768 * t + 2 * layers * width * t^2 per sequence; policy 3 forwards, reference 1
+    assert flops.step_flops(config, [3, 5]) == 4 * (2 * 768 * 8 + 2 * 8 * (9 + 25))
+    assert flops.step_flops(config, [3, 5], reference_forward=False) == 3 * (2 * 768 * 8 + 2 * 8 * (9 + 25))
+    assert flops.sequence_lengths(rows(1), max_length=4) == [4, 4]  # prompt 2 + chosen 2; prompt 2 + rejected 3 -> 4
+
+
+def test_mfu_is_the_windows_model_flops_over_time_and_peak(monkeypatch):
+    """On a GPU raydpo knows the peak of, each logged step has mfu: the window's model FLOPs (its rows'
+    sequence lengths, flops.py) per second per worker, over the peak. Elsewhere it is not logged."""
+    from raydpo import flops
+
+    plain = worker(max_steps=2)
+    plain.train()
+    assert all("mfu" not in row for row in plain.context.logged)
+    monkeypatch.setattr(flops, "gpu_peak_flops", lambda dtype: 1e9)
+    run = worker(max_steps=2, use_gpu=True)
+    run.train()
+    by_index = {row["index"]: row for row in rows(8)}
+    for batch, row in zip(run.reference.batches, run.context.logged):
+        lengths = flops.sequence_lengths([by_index[i] for i in batch], run.config.max_length)
+        expected = flops.step_flops(run.engine.module.config, lengths) / row["step_time"] / 1e9
+        assert row["mfu"] == pytest.approx(expected, rel=1e-6)

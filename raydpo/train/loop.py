@@ -23,9 +23,10 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from raydpo import precision
+from raydpo import flops, precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import epoch_order, row_length, token_counts
+from raydpo.logprobs import text_config
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
                                   load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, Reference, StreamedReference
@@ -78,6 +79,8 @@ class DPOWorker:
         self.engine, self.reference, self.ds_config = engine, reference, ds_config
         self.rows, self.eval_rows = rows, eval_rows
         self.lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
+        # mfu, on GPUs whose peak raydpo knows (flops.GPU_PEAK_FLOPS); nothing is counted elsewhere
+        self.peak_flops = flops.gpu_peak_flops(precision.compute_dtype(config)) if config.use_gpu else None
         self.step = resume.global_step  # optimizer steps done
         self.window = MetricsWindow()
         self.window.total_tokens = resume.num_tokens
@@ -155,7 +158,7 @@ class DPOWorker:
         unclipped = grad_norm(self.engine.module) if measure else None
         skipped_before = self.engine.skipped_steps
         self.engine.step()
-        self.window.add(loss, per_pair, per_token, token_counts(batch))
+        self.window.add(loss, per_pair, per_token, token_counts(batch), self._model_flops(rows))
         if not boundary:
             return None
         norm = unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
@@ -209,9 +212,18 @@ class DPOWorker:
                        step_time=elapsed / (self.step - self.window_start_step),
                        tokens_per_second_per_worker=(metrics["num_tokens"] - tokens_before) / elapsed
                        / self.context.world_size)
+        if self.peak_flops:  # model FLOPs per second per worker over the device's peak
+            metrics["mfu"] = self.window.window_flops / elapsed / self.context.world_size / self.peak_flops
         if self.config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
             metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
         return metrics
+
+    def _model_flops(self, rows: List[dict]) -> float:
+        """This micro-batch's model FLOPs (flops.py), when mfu is logged."""
+        if not self.peak_flops:
+            return 0.0
+        in_step = not (self.config.precompute_ref_log_probs or self.config.stream_ref_log_probs)
+        return flops.step_flops(text_config(self.engine), flops.sequence_lengths(rows, self.config.max_length), in_step)
 
     def evaluate(self) -> dict:
         return evaluate(self.engine, self.reference, self.eval_rows, self.plan.eval_batches, self.config,

@@ -63,6 +63,7 @@ class MetricsWindow:
         self.total_tokens = 0.0
         self.device = torch.device("cpu")
         self.ratio_names = TOKEN_METRICS  # and the OPTIONAL_METRICS the model has, from the first micro-batch
+        self.window_flops = 0.0
         self._reset()
 
     def _reset(self):
@@ -73,10 +74,12 @@ class MetricsWindow:
         self.tokens = 0.0
         self.positions = 0.0  # batch positions, and those holding a token: for padding_fraction
         self.filled = 0.0
+        self.flops = 0.0  # model FLOPs (raydpo/flops.py), when the loop counts them: for mfu
 
-    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple):
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple, flops: float = 0.0):
         """counts: (tokens, filled positions, positions) of the batch (`batching.token_counts`)."""
         tokens, filled, positions = counts
+        self.flops += flops
         self.micro_batches += 1
         self.positions += positions
         self.filled += filled
@@ -100,7 +103,7 @@ class MetricsWindow:
 
     def reduce(self) -> dict:
         flat = [self.sums[n] for n in ("loss", *PAIR_METRICS)] + [self.pairs, self.micro_batches, self.tokens,
-                                                                  self.filled, self.positions]
+                                                                  self.filled, self.positions, self.flops]
         names = self.ratio_names  # the same on every worker: they train the same model
         rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(names))
         values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
@@ -108,7 +111,7 @@ class MetricsWindow:
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
-        *sums, pairs, micro_batches, tokens, filled, positions = values[:len(flat)].tolist()
+        *sums, pairs, micro_batches, tokens, filled, positions, flops = values[:len(flat)].tolist()
         rows = values[len(flat):].reshape(-1, len(names), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
@@ -119,5 +122,6 @@ class MetricsWindow:
         out.update(zip(names, means))
         out["num_tokens"] = self.total_tokens
         out["padding_fraction"] = 1.0 - filled / positions if positions else 0.0  # a raydpo extra
+        self.window_flops = flops  # all workers' model FLOPs of this window (the loop's mfu)
         self._reset()
         return out
