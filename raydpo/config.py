@@ -217,9 +217,11 @@ class DPOConfig:
         "help": "TRL's name (TRL 1.16 falls back to padding). Every sequence of a micro-batch end to end in "
                 "one row, so no position holds a pad token: a block-diagonal attention mask keeps each pair "
                 "to itself and position ids restart per sequence (with share_prompt, each pair's prompt once). "
-                "Equal to the padded layout within 1e-5 (tested, every loss type). The mask is dense "
-                "[1, 1, S, S]: sdpa and eager kernels only (others fall back to the padded layout, with a "
-                "logged reason, as for share_prompt); refused for vision rows."})
+                "Equal to the padded layout within 1e-5 (tested, every loss type). Two sequences per pair "
+                "take any attention kernel (transformers builds its mask from the position ids; "
+                "FlashAttention runs them as variable-length sequences); a shared prompt needs a dense "
+                "[1, 1, S, S] mask, so with flash_attention_2/3 or flex_attention share_prompt is turned "
+                "off, with a logged reason. Refused for vision rows."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={

@@ -215,7 +215,7 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
         if router_logits:
             raise ValueError("an MoE load-balancing loss needs the padded two-sequence layout "
                              "(share_prompt=False, padding_free=False)")
-        hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=_kernel_mask(model, batch.attention_mask),
                                 position_ids=batch.position_ids)[0]
         picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
         view = _CompletionView(batch.side_input_ids, batch.completion_mask, batch.logp_weights)
@@ -246,6 +246,16 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
     if router_logits:  # a tensor, or 0 when the model returned no router logits
         view.aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=input_ids.device)
     return view
+
+
+def _kernel_mask(model, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A gathered layout's boolean [B, 1, S, S] mask (True: attend) in the form the model's kernel reads.
+    transformers hands a 4-D mask to the kernel as it is: sdpa takes a boolean one, but eager adds the
+    mask to its scores, so it gets an additive one (0 where attended, the dtype's minimum elsewhere)."""
+    if mask is None or mask.dtype != torch.bool or getattr(text_config(model), "_attn_implementation", None) != "eager":
+        return mask
+    dtype = next(_unwrapped(model).parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _unwrapped(model):

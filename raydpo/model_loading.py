@@ -145,34 +145,47 @@ def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
 MASK_KERNELS = ("sdpa", "eager")
 
 
-def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
-    """Why this model cannot run the gathered layouts (shared prompt, padding-free: a [B, 1, S, S] mask
-    and raydpo's own LM head over the gathered positions), or None when it can. The padded layout is then
-    used: the same numbers, more tokens per pair."""
+def gathered_blocker(model, aux_loss_coef: float) -> Optional[str]:
+    """Why this model cannot run the gathered layouts (shared prompt, padding-free: raydpo runs the LM
+    head over the gathered positions itself), or None when it can."""
     if aux_loss_coef:
         return "an MoE load-balancing loss (router_aux_loss_coef), which TRL computes over the two-sequence layout"
+    if not shares_prompt_safely(model):
+        return "the model's logits are not lm_head(final hidden state) with logits_to_keep (e.g. soft-capped)"
+    return None
+
+
+def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
+    """Why this model cannot run the shared-prompt layout (prompt once, rejected masked off chosen: a
+    [B, 1, S, S] mask), or None when it can. The padded layout is then used: the same numbers, more
+    tokens per pair."""
+    reason = gathered_blocker(model, aux_loss_coef)
+    if reason:
+        return reason
     attention = getattr(text_config(model), "_attn_implementation", None) or "sdpa"
     if attention not in MASK_KERNELS:
         return (f"attn_implementation={attention!r} takes no [B, 1, S, S] attention mask (only "
                 f"{' and '.join(MASK_KERNELS)} do)")
-    if not shares_prompt_safely(model):
-        return "the model's logits are not lm_head(final hidden state) with logits_to_keep (e.g. soft-capped)"
     return None
 
 
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
     MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt and padding_free off, with a
-    logged reason, where their layouts cannot run or would change the numbers (`shared_prompt_blocker`)."""
+    logged reason, where their layouts cannot run or would change the numbers. padding_free without a
+    shared prompt takes any attention kernel (its sequences are told apart by position ids)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
     share_prompt, padding_free = config.share_prompt, config.padding_free
-    if share_prompt or padding_free:
-        reason = shared_prompt_blocker(model, coef)
-        if reason:
-            asked = " and ".join(name for name, on in (("share_prompt", share_prompt), ("padding_free", padding_free))
-                                 if on)
-            logger.warning("%s off for this model: %s; batches use the padded layout", asked, reason)
-            share_prompt = padding_free = False
+    reason = shared_prompt_blocker(model, coef) if share_prompt else None
+    if reason:
+        logger.warning("share_prompt is off for this model: %s; %s", reason,
+                       "padding-free rows hold two sequences per pair" if padding_free
+                       else "batches use the padded layout")
+        share_prompt = False
+    reason = gathered_blocker(model, coef) if padding_free else None
+    if reason:
+        logger.warning("padding_free is off for this model: %s; batches use the padded layout", reason)
+        padding_free = False
     if (coef, share_prompt, padding_free) == (config.router_aux_loss_coef, config.share_prompt, config.padding_free):
         return config
     return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt, padding_free=padding_free)

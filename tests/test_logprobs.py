@@ -79,7 +79,8 @@ def test_model_forward_skips_the_shared_prompt_and_changes_nothing(tiny_model):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
-def test_shared_prompt_layout_equals_two_sequences(tiny_model):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds its mask: it gets an additive one
+def test_shared_prompt_layout_equals_two_sequences(tiny_model, attention):
     """One prompt+chosen+rejected sequence per pair gives the two-sequence layout's log-probs, token
     metrics, LD weights and gradients, with completions cut by keep_start truncation; keep_end
     truncation that would cut the prompts differently falls back to two sequences."""
@@ -91,7 +92,7 @@ def test_shared_prompt_layout_equals_two_sequences(tiny_model):
 
     rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
             {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
 
     def run(batch):
         model.zero_grad()
@@ -112,9 +113,10 @@ def test_shared_prompt_layout_equals_two_sequences(tiny_model):
     assert collate(rows, 0, max_length=6, truncation_mode="keep_end", share_prompt=True).gather_index is None
 
 
-@pytest.mark.parametrize("share_prompt, max_length, truncation_mode", [
-    (False, 9, "keep_start"), (True, 9, "keep_start"), (False, 6, "keep_end"), (False, None, "keep_start")])
-def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_length, truncation_mode):
+@pytest.mark.parametrize("share_prompt, max_length, truncation_mode, attention", [
+    (False, 9, "keep_start", "sdpa"), (True, 9, "keep_start", "sdpa"), (False, 6, "keep_end", "sdpa"),
+    (False, None, "keep_start", "sdpa"), (False, 9, "keep_start", "eager"), (True, 9, "keep_start", "eager")])
+def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_length, truncation_mode, attention):
     """Every sequence end to end in one row, no pad token: the same log-probs, token metrics and
     gradients as the padded layout (LD-DPO weights and WPO's statistics included), keep_end too."""
     from transformers import AutoModelForCausalLM
@@ -126,7 +128,7 @@ def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_
     rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
             {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]},
             {"prompt_ids": [1, 6, 6], "chosen_ids": [9], "rejected_ids": [8, 8, 2]}]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
 
     def run(batch):
         model.zero_grad()
@@ -139,6 +141,9 @@ def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_
     padded = collate(rows, **options)
     free = collate(rows, **options, share_prompt=share_prompt, padding_free=True)
     assert free.layout == PADDING_FREE and free.input_ids.shape[0] == 1
+    # two sequences per pair: no mask, transformers tells them apart by their position ids (each kernel
+    # in its own form); a shared prompt needs the dense block-diagonal mask
+    assert (free.attention_mask is None) != share_prompt
     assert 0 not in free.input_ids.tolist()[0][1:]  # no pad token (0) in what the model reads
     counts_free, counts_padded = token_counts(free), token_counts(padded)
     assert counts_free[0] == counts_padded[0]  # TRL's count: prompts counted twice

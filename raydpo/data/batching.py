@@ -31,7 +31,7 @@ class Batch:
 
     layout: str  # PADDED, SHARED_PROMPT or PADDING_FREE
     input_ids: torch.Tensor  # what the model reads: [2B, T] padded, [B, S] shared_prompt, [1, S] padding_free
-    attention_mask: torch.Tensor  # [2B, T] padded; [B or 1, 1, S, S] boolean in the gathered layouts
+    attention_mask: Optional[torch.Tensor]  # [2B, T] padded; [B or 1, 1, S, S] boolean; None: from position_ids
     completion_mask: torch.Tensor  # [2B, L]: 1 on completion tokens, aligned with scored_ids
     num_tokens: int  # tokens as TRL counts them (chosen and rejected sequences' non-pad tokens: prompts twice)
     num_filled: int  # positions of input_ids that hold a token
@@ -248,10 +248,13 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
     """Every pair of the micro-batch end to end in one row [1, S]: no pad token in what the model reads.
 
     Each pair is its prompt+chosen and prompt+rejected sequences (truncated as `collate` truncates
-    them), or with share_prompt one prompt+chosen+rejected sequence (as `collate_shared_prompt`). The
-    attention mask [1, 1, S, S] is block-diagonal, so a pair sees nothing of another, and position ids
-    restart per sequence: every token sees exactly what it sees in the padded layout. Log-probs are read
-    like the shared-prompt layout's (gather_index into the flat hidden states, the per-side layout).
+    them), or with share_prompt one prompt+chosen+rejected sequence (as `collate_shared_prompt`).
+    Position ids restart per sequence, and no token sees another sequence: every token sees exactly
+    what it sees in the padded layout. Without share_prompt the attention mask is None and transformers
+    builds each kernel's own form from the position ids (a block-causal mask for sdpa and eager, a
+    block mask for flex_attention, variable-length sequences for FlashAttention); with share_prompt it
+    is a dense [1, 1, S, S] block-diagonal mask (sdpa and eager only). Log-probs are read like the
+    shared-prompt layout's (gather_index into the flat hidden states, the per-side layout).
     Images are not supported here (DPOTrainer refuses padding_free for vision rows).
     """
     if any(num_images(row) for row in rows):
@@ -286,11 +289,13 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
             k = next((t for t in range(1, len(sequence)) if mask[t]), max(len(sequence), 1))
             sides[side].append((sequence[k - 1:], mask[k - 1:], [offset + t - 1 for t in range(k, len(sequence))]))
     length = len(tokens)
-    attention = torch.zeros((1, 1, length, length), dtype=torch.bool)
-    for start, end, blocked in spans:
-        attention[0, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-        for (q0, q1), (k0, k1) in blocked:
-            attention[0, 0, q0:q1, k0:k1] = False
+    attention = None  # two sequences per pair: transformers derives the block-causal mask from position ids
+    if share_prompt:  # rejected must skip chosen inside a sequence: a mask position ids cannot express
+        attention = torch.zeros((1, 1, length, length), dtype=torch.bool)
+        for start, end, blocked in spans:
+            attention[0, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            for (q0, q1), (k0, k1) in blocked:
+                attention[0, 0, q0:q1, k0:k1] = False
     ordered = sides["chosen_ids"] + sides["rejected_ids"]  # chosen rows first, as in `collate`
     width = max(len(side_tokens) for side_tokens, _, _ in ordered)
     side_input_ids = torch.full((len(ordered), width), pad_token_id, dtype=torch.long)

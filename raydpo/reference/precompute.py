@@ -19,7 +19,7 @@ from raydpo import cluster, precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely
-from raydpo.model_loading import load_model
+from raydpo.model_loading import fit_to_model, load_model
 from raydpo.reference import cache as ref_cache
 from raydpo.reference.precomputed import REF_COLUMNS
 
@@ -37,8 +37,7 @@ class ReferenceLogps:
         self.device = torch.device("cuda" if on_gpu else "cpu")
         model = load_model(model_path, self.config).eval().requires_grad_(False)
         self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
-        if not shares_prompt_safely(self.model):  # the gathered layouts apply the LM head themselves
-            self.config = dataclasses.replace(self.config, share_prompt=False, padding_free=False)
+        self.config = fit_to_model(self.config, self.model)  # the layouts this model can run, as in the workers
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
