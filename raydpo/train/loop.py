@@ -23,7 +23,8 @@ from typing import Iterator, List, Optional
 import torch
 
 from raydpo.config import DPOConfig
-from raydpo.data.batching import epoch_order, row_length, token_counts
+from raydpo.data.batching import epoch_order, token_counts
+from raydpo.data.shard import Shard
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
                                   load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, Reference, StreamedReference
@@ -67,11 +68,11 @@ class DPOWorker:
     all-reduced numbers (schedule.py), so they stay in lock-step without extra messages."""
 
     def __init__(self, spec: WorkerSpec, config: DPOConfig, context, engine, reference: Reference,
-                 ds_config: dict, rows: List[dict], eval_rows: List[dict], resume: ResumeState):
+                 ds_config: dict, rows: Shard, eval_rows: Shard, resume: ResumeState):
         self.spec, self.config, self.plan, self.context = spec, config, spec.plan, context
         self.engine, self.reference, self.ds_config = engine, reference, ds_config
         self.rows, self.eval_rows = rows, eval_rows
-        self.lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
+        self.lengths = rows.lengths(config.max_length) if config.group_by_length else None
         self.step = resume.global_step  # optimizer steps done
         self.window = MetricsWindow()
         self.window.total_tokens = resume.num_tokens
@@ -85,7 +86,7 @@ class DPOWorker:
         """Read this worker's shards, load the policy into its DeepSpeed engine and the reference, and
         restore a checkpoint's state (a restart by Ray Train, or resume_from_checkpoint)."""
         rows = context.shard("train")
-        eval_rows = context.shard("eval") if spec.plan.eval_batches else []
+        eval_rows = context.shard("eval") if spec.plan.eval_batches else Shard([])
         context.startup_mark("data")
         ds_config = build_deepspeed_config(config, context.world_size)
         in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own
