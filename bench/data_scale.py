@@ -67,7 +67,7 @@ def trl_tokenize(rows: list, tokenizer, num_proc: int) -> int:
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=tempfile.gettempdir(), max_length=MAX_LENGTH, dataset_num_proc=num_proc,
-                     report_to="none")
+                     report_to="none", bf16=False, use_cpu=True)
     # TRL's own preparation; of the trainer it reads only the tokenizer (building a trainer would load a model)
     trainer = type("Prepare", (), {"_tokenizer": tokenizer})()
     return len(DPOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, "train"))
