@@ -4,8 +4,8 @@ workers never hold the reference.
 
 Each worker sends its next micro-batches to the pool a few batches ahead of the one it trains on, so
 the reference forward overlaps the policy's forward and backward. A row's values are kept in the
-shard (`Shard.keep_reference`), so later epochs and evaluations send nothing. The pool is shared by all workers and lives
-on the driver's side: a restarted worker finds it still there.
+shard (`Shard.keep_reference`), so later epochs and evaluations send nothing. The pool is shared by
+all workers and lives on the driver's side: a restarted worker finds it still there.
 """
 
 from __future__ import annotations
