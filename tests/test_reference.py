@@ -109,7 +109,11 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
 
     from raydpo.train.driver_eval import evaluate_policy
 
-    data = types.SimpleNamespace(dataset=types.SimpleNamespace(iter_rows=lambda: iter(rows)))
+    import pyarrow as pa
+
+    # what it reads of a TokenizedData: the dataset's Arrow blocks (Shard.read)
+    data = types.SimpleNamespace(dataset=types.SimpleNamespace(
+        iter_batches=lambda **options: iter([pa.Table.from_pylist(rows)])))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     initial = evaluate_policy(config, adapter, None, None, tokenizer, data)
     assert initial["eval_rewards/margins"] == 0.0 and initial["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
