@@ -222,6 +222,8 @@ def main():
             rate = args.tokenize_rows / min(seconds)
             print(f"{name:<26}{kept:>10}{min(seconds):>8.1f}{rate:>9.0f}{rate / trl_rate:>7.2f}x   "
                   + " ".join(f"{s:.1f}" for s in seconds))
+    if not memory:
+        return
     print(f"\n(b) one worker's data memory beyond its RSS before reading the shard (MiB); an epoch of "
           f"batch-{BATCH} rows")
     header = (f"{'pairs':>8}{'mode':>7}{'tokens/pair':>12}{'shard MiB':>10}{'RSS end':>9}{'USS end':>9}"
