@@ -47,26 +47,31 @@ class StreamedReference(PrecomputedReference):
 
     def __init__(self, actors: list, prefetch_batches: int):
         self.actors = itertools.cycle(actors)
+        self.num_actors = len(actors)
         self.prefetch_batches = prefetch_batches
 
     def rows_ahead(self, rows: Shard, index_batches: Iterable[list]) -> Iterator[List[dict]]:
         """Each micro-batch's rows, with the reference columns filled, keeping `prefetch_batches`
         batches in flight on the pool ahead of the one yielded."""
+        return self._ahead(rows, index_batches, self.prefetch_batches)
+
+    def before_eval(self, rows: Shard, batch_size: int) -> None:
+        """Fill every row's columns (the eval rows: scored at the first evaluation only), a batch per
+        actor in flight: only those batches' rows are Python dicts at a time."""
+        chunks = (range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size))
+        for _ in self._ahead(rows, chunks, max(0, self.num_actors - 1)):
+            pass
+
+    def _ahead(self, rows: Shard, index_batches: Iterable, depth: int) -> Iterator[List[dict]]:
+        """Each batch's rows once scored, with `depth` batches sent to the pool ahead of the one yielded."""
         in_flight = collections.deque()
         for indices in index_batches:
             batch_rows = rows.take(indices)
-            in_flight.append((rows, indices, batch_rows, self._submit(batch_rows)))
-            if len(in_flight) > self.prefetch_batches:
+            in_flight.append((rows, list(indices), batch_rows, self._submit(batch_rows)))
+            if len(in_flight) > depth:
                 yield self._receive(*in_flight.popleft())
         while in_flight:
             yield self._receive(*in_flight.popleft())
-
-    def before_eval(self, rows: Shard, batch_size: int) -> None:
-        """Fill every row's columns (the eval rows: scored at the first evaluation only), all actors at once."""
-        chunks = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
-        pending = [(indices, rows.take(indices)) for indices in chunks]
-        for indices, chunk, scores in [(indices, chunk, self._submit(chunk)) for indices, chunk in pending]:
-            self._receive(rows, indices, chunk, scores)
 
     def _submit(self, rows: List[dict]):
         todo = [row for row in rows if not has_reference_logps(row)]
