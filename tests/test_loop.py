@@ -14,7 +14,8 @@ import torch
 from transformers import LlamaConfig
 
 from raydpo import DPOConfig
-from raydpo.data.batching import epoch_order, row_length
+from raydpo.data.batching import epoch_order
+from raydpo.data.shard import Shard
 from raydpo.reference.base import Reference
 from raydpo.train.loop import DPOWorker
 from raydpo.train.schedule import resolve_ratios
@@ -171,7 +172,8 @@ def worker(num_rows=8, num_eval_rows=0, resume=None, driver_stops_at=None, engin
     events = []
     return DPOWorker(spec, config, FakeContext(events, driver_stops_at),
                      engine(events, config.gradient_accumulation_steps), FakeReference(),
-                     {"zero_optimization": {"stage": config.zero_stage or 0}}, rows(num_rows), rows(num_eval_rows, start=100),
+                     {"zero_optimization": {"stage": config.zero_stage or 0}}, Shard.from_rows(rows(num_rows)),
+                     Shard.from_rows(rows(num_eval_rows, start=100)),
                      resume or ResumeState())
 
 
@@ -232,7 +234,7 @@ def test_resume_runs_exactly_the_remaining_micro_batches():
     full = worker(num_rows=4, **options)
     full.train()
     # the oracle: each epoch's seeded, length-grouped order, straight from batching.epoch_order
-    lengths = [row_length(row, None) for row in rows(4)]
+    lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows(4)]
     assert full.reference.batches == [batch for epoch in range(3)
                                       for batch in epoch_order(4, 4, 1, full.config.seed, epoch, lengths)]
     tokens_at_3 = full.context.logged[2]["num_tokens"]

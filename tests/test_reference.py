@@ -109,7 +109,11 @@ def test_a_continued_adapter_is_its_own_frozen_reference(tiny_model, parity_rows
 
     from raydpo.train.driver_eval import evaluate_policy
 
-    data = types.SimpleNamespace(dataset=types.SimpleNamespace(iter_rows=lambda: iter(rows)))
+    import pyarrow as pa
+
+    # what it reads of a TokenizedData: the dataset's Arrow blocks (Shard.read)
+    data = types.SimpleNamespace(dataset=types.SimpleNamespace(
+        iter_batches=lambda **options: iter([pa.Table.from_pylist(rows)])))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     initial = evaluate_policy(config, adapter, None, None, tokenizer, data)
     assert initial["eval_rewards/margins"] == 0.0 and initial["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -200,8 +204,10 @@ def test_reference_modes_agree(ray_session, tiny_model, parity_rows, tmp_path):
 
 
 def test_streamed_reference_prefetches_ahead(ray_session, tiny_model, parity_rows):
-    """rows_ahead keeps batches in flight on the pool, fills each row once and never re-sends it."""
+    """rows_ahead keeps batches in flight on the pool, fills each row once and never re-sends it: the
+    shard keeps the values, although each batch's row dicts are built afresh."""
 
+    from raydpo.data.shard import Shard
     from raydpo.reference.streamed import StreamedReference, start_reference_pool, stop_reference_pool
 
     rows, pad = tokenized_rows(tiny_model, parity_rows[:8])
@@ -219,16 +225,18 @@ def test_streamed_reference_prefetches_ahead(ray_session, tiny_model, parity_row
                 return super()._submit(batch_rows)
 
         reference = Counting(actors, prefetch_batches=2)
-        stream = reference.rows_ahead(rows, [[0, 1], [2, 3], [4, 5], [6, 7]])
+        shard = Shard.from_rows(rows)
+        stream = reference.rows_ahead(shard, [[0, 1], [2, 3], [4, 5], [6, 7]])
         first = next(stream)
         assert len(sent) == 3  # the first batch and the two behind it were sent before it came back
-        assert [row for batch in stream for row in batch] == rows[2:]
-        assert first == rows[:2]
+        streamed = first + [row for batch in stream for row in batch]
+        assert [{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in streamed] == rows
         assert sent == [2, 2, 2, 2]
-        got = [r[column] for r in rows for column in ("ref_chosen_logps", "ref_rejected_logps")]
+        got = [r[column] for r in streamed for column in ("ref_chosen_logps", "ref_rejected_logps")]
         assert got == pytest.approx(expected, abs=1e-5)  # scored in batches of 2 instead of 8: other padding
-        reference.before_eval(rows, 3)  # every row carries its values: nothing is scored again
-        assert [len(b) for b in reference.rows_ahead(rows, [[0, 1, 2]])] == [3]
+        reference.before_eval(shard, 3)  # the shard kept every row's values: nothing is scored again
+        again = [row for batch in reference.rows_ahead(shard, [[0, 1, 2]]) for row in batch]
+        assert [r["ref_chosen_logps"] for r in again] == [r["ref_chosen_logps"] for r in streamed[:3]]
         assert sum(sent) == 8
     finally:
         stop_reference_pool(actors)

@@ -95,12 +95,6 @@ def epoch_order(shard_size: int, num_batches: int, batch_size: int, seed: int, e
     return batches
 
 
-def row_length(row: dict, max_length: Optional[int]) -> int:
-    """Padded length a row asks of its batch: its longer side, truncated."""
-    longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-    return min(longest, max_length) if max_length else longest
-
-
 def truncate(tokens: list, max_length: Optional[int], truncation_mode: str) -> list:
     """TRL's per-sequence truncation: keep_start drops from the right, keep_end from the left."""
     if max_length is None or len(tokens) <= max_length:

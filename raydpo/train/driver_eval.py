@@ -12,6 +12,7 @@ import torch
 from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
+from raydpo.data.shard import Shard
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
                                   load_policy, reference_model_path)
 from raydpo.reference import InWorkerReference, PeftBaseReference
@@ -43,7 +44,7 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
             path = checkpoint.saved_reference(checkpoint_dir) or path
         reference = InWorkerReference(load_model(path, config), {}, device, dtype)
     config = fit_to_model(config, policy)
-    rows = list(data.dataset.iter_rows())
+    rows = Shard.read(data.dataset)
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)
     return evaluate(policy, reference, rows, num_batches, config, processing_class,
                     text_tokenizer(processing_class).pad_token_id)

@@ -25,7 +25,8 @@ import torch
 
 from raydpo import flops, precision
 from raydpo.config import DPOConfig
-from raydpo.data.batching import epoch_order, row_length, token_counts
+from raydpo.data.batching import epoch_order, token_counts
+from raydpo.data.shard import Shard
 from raydpo.logprobs import text_config
 from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
                                   load_policy, reference_model_path)
@@ -74,11 +75,11 @@ class DPOWorker:
     all-reduced numbers (schedule.py), so they stay in lock-step without extra messages."""
 
     def __init__(self, spec: WorkerSpec, config: DPOConfig, context, engine, reference: Reference,
-                 ds_config: dict, rows: List[dict], eval_rows: List[dict], resume: ResumeState):
+                 ds_config: dict, rows: Shard, eval_rows: Shard, resume: ResumeState):
         self.spec, self.config, self.plan, self.context = spec, config, spec.plan, context
         self.engine, self.reference, self.ds_config = engine, reference, ds_config
         self.rows, self.eval_rows = rows, eval_rows
-        self.lengths = [row_length(row, config.max_length) for row in rows] if config.group_by_length else None
+        self.lengths = rows.lengths(config.max_length) if config.group_by_length else None
         # mfu, on GPUs whose peak raydpo knows (flops.GPU_PEAK_FLOPS); nothing is counted elsewhere
         self.peak_flops = flops.gpu_peak_flops(precision.compute_dtype(config)) if config.use_gpu else None
         self.step = resume.global_step  # optimizer steps done
@@ -94,7 +95,7 @@ class DPOWorker:
         """Read this worker's shards, load the policy into its DeepSpeed engine and the reference, and
         restore a checkpoint's state (a restart by Ray Train, or resume_from_checkpoint)."""
         rows = context.shard("train")
-        eval_rows = context.shard("eval") if spec.plan.eval_batches else []
+        eval_rows = context.shard("eval") if spec.plan.eval_batches else Shard([])
         context.startup_mark("data")
         ds_config = build_deepspeed_config(config, context.world_size)
         in_worker = not (config.precompute_ref_log_probs or config.stream_ref_log_probs)  # the actors hold their own

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, ContextManager, List, Optional
+from typing import Callable, ContextManager, Optional
 
 import ray
 import ray.train
@@ -20,6 +20,7 @@ import torch
 
 from raydpo import cluster
 from raydpo.config import DPOConfig
+from raydpo.data.shard import Shard
 from raydpo.train.spec import WorkerSpec
 from raydpo.train.startup import StartupClock
 
@@ -56,9 +57,10 @@ class RayRunContext:
         if phase == "first_step":
             self.clock.send(self.spec.history)
 
-    def shard(self, name: str) -> List[dict]:
-        """This worker's contiguous shard of the "train" or "eval" dataset (data/shards.py)."""
-        return list(ray.train.get_dataset_shard(name).iter_rows())
+    def shard(self, name: str) -> Shard:
+        """This worker's contiguous shard of the "train" or "eval" dataset (data/shards.py), kept as
+        the Arrow blocks Ray Data delivers (data/shard.py), not as a Python dict per row."""
+        return Shard.read(ray.train.get_dataset_shard(name))
 
     def resume_dir(self) -> ContextManager[Optional[str]]:
         """The checkpoint folder to resume from, while the block runs: the latest one when Ray Train

@@ -3,12 +3,11 @@ from rows, the loss and metrics of the policy against the reference, and an eval
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from raydpo.config import DPOConfig
 from raydpo.data.batching import Batch, collate, token_counts
+from raydpo.data.shard import Shard
 from raydpo.logprobs import model_completion_stats, pair_logps
 from raydpo.losses import dpo_loss, rewards
 from raydpo.reference.base import Reference
@@ -41,7 +40,7 @@ def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig):
     return loss, pair_metrics(chosen_rewards, rejected_rewards, logps.chosen, logps.rejected), token_metrics(policy)
 
 
-def evaluate(engine, reference: Reference, rows: List[dict], num_batches: int, config: DPOConfig, tokenizer,
+def evaluate(engine, reference: Reference, rows: Shard, num_batches: int, config: DPOConfig, tokenizer,
              pad_token_id: int) -> dict:
     """DPO metrics of this worker's eval rows, averaged over all workers, named "eval_<metric>" as transformers names them."""
     window, size = MetricsWindow(), config.per_device_eval_batch_size
@@ -51,8 +50,8 @@ def evaluate(engine, reference: Reference, rows: List[dict], num_batches: int, c
         # Every worker runs num_batches forwards (ZeRO-3 gathers weights collectively); a worker whose
         # shard ran out repeats a batch that counts for nothing.
         for i in range(num_batches):
-            chunk = rows[i * size:(i + 1) * size]
-            batch = make_batch(chunk or rows[:size], config, tokenizer, pad_token_id)
+            chunk = rows.take(range(i * size, min((i + 1) * size, len(rows))))
+            batch = make_batch(chunk or rows.take(range(min(size, len(rows)))), config, tokenizer, pad_token_id)
             loss, per_pair, per_token = dpo_step(engine, reference, batch, config)
             if chunk:
                 window.add(loss, per_pair, per_token, token_counts(batch))
