@@ -176,31 +176,40 @@ def test_missing_s3_checkpoint_is_refused(bucket, tiny_model, parity_rows, ray_c
 
 def test_lost_node_resumes_from_s3_on_a_node_that_joins(steady_run, ray_cluster, bucket, tiny_model, parity_rows):
     """A worker node's raylet and every process of it are killed after checkpoint-4 reached S3; a new node
-    joins, and the run goes on from that checkpoint to the same end as the untouched run."""
+    joins, and the run goes on from that checkpoint to the same end as the untouched run. The run is
+    the background thread here: starting a node sets signal handlers, which only the main thread may."""
     _, steady, _ = steady_run
     path = storage.join(bucket, "lost")
-    lost, joined = [], []
+    result = {}
 
-    def kill_a_node():
-        deadline = time.time() + 300
-        while time.time() < deadline and not storage.is_file(storage.join(path, "run", "checkpoint-4", "rng_rank1.pt")):
-            time.sleep(0.2)
-        victim = sorted(ray_cluster.worker_nodes, key=lambda node: node.node_id)[-1]
-        ray_cluster.remove_node(victim, allow_graceful=False)
-        lost.append(victim.node_id)
-        joined.append(ray_cluster.add_node(**WORKER_NODE).node_id)
+    def train():
+        try:
+            result["out"] = DPOTrainer(tiny_model, train_dataset=parity_rows[:80], args=config(
+                path, max_failures=1, deepspeed={"zero_optimization": {"stage": 2}})).train()
+        except BaseException as error:  # re-raised below, in the test's thread
+            result["error"] = error
 
-    watcher = threading.Thread(target=kill_a_node)
-    watcher.start()
-    out = DPOTrainer(tiny_model, args=config(path, max_failures=1, deepspeed={"zero_optimization": {"stage": 2}}),
-                     train_dataset=parity_rows[:80]).train()
-    watcher.join()
-    assert lost and joined, "no node was killed"
+    run = threading.Thread(target=train)
+    run.start()
+    deadline = time.time() + 300
+    while run.is_alive() and time.time() < deadline and not storage.is_file(
+            storage.join(path, "run", "checkpoint-4", "rng_rank1.pt")):
+        time.sleep(0.2)
+    assert run.is_alive(), f"the run ended before a node was killed: {result}"
+    victim = sorted(ray_cluster.worker_nodes, key=lambda node: node.node_id)[-1]
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    joined = ray_cluster.add_node(**WORKER_NODE)
+    run.join(timeout=600)
+    assert not run.is_alive(), "the run did not end within 10 minutes of the node loss"
+    if "error" in result:
+        raise result["error"]
+    out = result["out"]
     assert [h["global_step"] for h in out.history] == list(range(1, STEPS + 1))
     assert out.metrics["global_step"] == steady.metrics["global_step"] == STEPS
     assert out.metrics["loss"] == pytest.approx(steady.metrics["loss"], abs=1e-5)
     assert out.metrics["num_tokens"] == steady.metrics["num_tokens"]
-    assert joined[0] in worker_nodes(ray_cluster)  # the restarted group used the node that joined
+    nodes = worker_nodes(ray_cluster)
+    assert victim.node_id in nodes and joined.node_id in nodes  # a worker was lost with its node; one ran on the new node
 
 
 def test_dashboard_refuses_requests_without_the_token(ray_cluster, s3_env):

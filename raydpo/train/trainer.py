@@ -118,7 +118,10 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     storage_path = storage.absolute(config.storage_path or config.output_dir)
     check_trackers_storage(config.report_to, storage_path)
     tracked_config = {k: v for k, v in config.to_dict().items() if k != "hub_token"}  # a secret stays out
-    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()}).remote(
+    # On the driver's node: anywhere else (it takes no CPU, so Ray may put it on any node) the loss of that
+    # node would take the run's history with it, and no restart could log again.
+    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()},
+                                     scheduling_strategy=cluster.on_this_node()).remote(
         report_targets(config.report_to), storage.join(storage_path, run_name), run_name, tracked_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
