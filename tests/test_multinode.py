@@ -174,6 +174,30 @@ def test_missing_s3_checkpoint_is_refused(bucket, tiny_model, parity_rows, ray_c
                    resume_from_checkpoint=storage.join(bucket, "nothing", "checkpoint-4"))
 
 
+def test_sweep_and_reference_cache_in_s3(ray_cluster, bucket, tiny_model, parity_rows):
+    """A sweep whose output_dir and reference log-prob cache are S3 URIs: the trials' checkpoints, the
+    report and the best model land in the bucket, and the cached log-probs are read back from there."""
+    from raydpo.reference.precompute import cached_ref_logps
+    from raydpo.reference.precomputed import REF_COLUMNS
+    from raydpo.tune import sweep
+
+    cache = storage.join(bucket, "ref-cache")
+    args = config(None, output_dir=storage.join(bucket, "sweeps"), num_workers=1, max_steps=2, save_steps=2,
+                  precompute_ref_log_probs=True, precompute_ref_cache_dir=cache)
+    result = sweep(tiny_model, parity_rows[:16], {"beta": {"grid_search": [0.1, 0.5]}}, args=args, scheduler=None,
+                   name="grid")
+    assert result.results_dir == storage.join(bucket, "sweeps", "grid")
+    assert [row["status"] for row in result.table] == ["ok", "ok"]
+    files = s3_files(result.results_dir)
+    assert {"trials.jsonl", "results.csv", "learning_curves.png", "best_model/model.safetensors"} <= files
+    assert sum(name.endswith("/model/model.safetensors") and name.startswith("trials/") for name in files) == 2
+    assert any(name.endswith("/meta.json") for name in s3_files(cache))
+    trainer = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:16])
+    cached = cached_ref_logps(trainer.train_data.dataset, tiny_model, trainer.args)
+    assert cached is not None and cached.count() == 16
+    assert all(row[c] is not None for row in cached.take_all() for c in REF_COLUMNS)
+
+
 def test_lost_node_resumes_from_s3_on_a_node_that_joins(steady_run, ray_cluster, bucket, tiny_model, parity_rows):
     """A worker node's raylet and every process of it are killed after checkpoint-4 reached S3; a new node
     joins, and the run goes on from that checkpoint to the same end as the untouched run. The run is

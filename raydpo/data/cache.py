@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import os
+import posixpath  # pyarrow.fs paths: '/' on every filesystem
 import shutil
 import uuid
 from typing import Any, Callable, Optional
@@ -68,7 +69,7 @@ def load(cache_dir: str, key: str) -> Optional["ray.data.Dataset"]:
     """The entry's rows, read here on the driver and handed to Ray as in-memory blocks: a Ray Data read
     task could run on a node that sees neither a local cache folder nor the driver's credentials."""
     fs, entry = storage.resolve(storage.join(_expand(cache_dir), key))
-    if fs.get_file_info(fs.sep.join([entry, "meta.json"])).type != pafs.FileType.File:
+    if fs.get_file_info(posixpath.join(entry, "meta.json")).type != pafs.FileType.File:
         return None
     parts = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(entry))
                    if info.path.endswith(".parquet"))
@@ -94,15 +95,15 @@ def save(ds: "ray.data.Dataset", cache_dir: str, key: str) -> None:
         rows = 0
         # Written from the driver, block by block, so part order is row order.
         for i, batch in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
-            pq.write_table(batch, fs.sep.join([target, f"part-{i:05d}.parquet"]), filesystem=fs)
+            pq.write_table(batch, posixpath.join(target, f"part-{i:05d}.parquet"), filesystem=fs)
             rows += batch.num_rows
-        with fs.open_output_stream(fs.sep.join([target, "meta.json"])) as f:
+        with fs.open_output_stream(posixpath.join(target, "meta.json")) as f:
             f.write(json.dumps({"rows": rows, "version": VERSION}).encode())
         if local:
             os.rename(target, entry)
         logger.info("tokenized dataset: cached %d rows in %s", rows, entry)
     except OSError:
-        if fs.get_file_info(fs.sep.join([entry, "meta.json"])).type != pafs.FileType.File:
+        if fs.get_file_info(posixpath.join(entry, "meta.json")).type != pafs.FileType.File:
             raise
     finally:
         if local:
