@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 
@@ -33,7 +34,9 @@ def s3_env():
     """The environment every node must have: S3 credentials (read by pyarrow wherever a file is
     written) and Ray's token authentication. Set before the nodes start, so each raylet passes it on."""
     names = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+             # a job's entrypoint (`raydpo train`) runs with the head's environment: this Python's scripts first
+             "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     saved = {name: os.environ.get(name) for name in [*names, "RAY_API_SERVER_ADDRESS"]}
     os.environ.update(names)
     _reload_ray_auth()
@@ -84,6 +87,10 @@ def ray_cluster(s3_env, tmp_path_factory):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
         "temp_dir": str(temp_dir)})
+    # A job's supervisor finds "its" cluster through the address file in the head's temp dir, else by
+    # looking for any GCS process on the machine (another test's): the utility writes the file only
+    # in the default temp dir.
+    ray._private.utils.write_ray_address(cluster.address, str(temp_dir))
     try:
         workers = [cluster.add_node(**WORKER_NODE) for _ in range(2)]
         ray.init(address=cluster.address, runtime_env={"env_vars": {
@@ -158,14 +165,50 @@ def test_workers_span_two_nodes_and_every_file_lands_in_s3(steady_run, ray_clust
     assert all(p.isfinite().all() for p in model.parameters())
 
 
-def test_resume_from_an_s3_checkpoint_matches(steady_run, bucket, tiny_model, parity_rows):
+def test_job_submit_resumes_from_an_s3_checkpoint_and_matches(steady_run, ray_cluster, bucket, tiny_model,
+                                                               parity_rows, tmp_path):
+    """`ray job submit -- raydpo train config.yaml` to the cluster (token auth), resuming from the steady
+    run's checkpoint-4 in S3: steps 5-10 only, and the model it saves to S3 is the steady run's
+    checkpoint-10 model. Its DeepSpeed config is a JSON file in the job's working dir, read by the job's driver."""
+    import subprocess
+
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
     _, steady, _ = steady_run
-    resumed = DPOTrainer(tiny_model, args=config(storage.join(bucket, "resumed"), deepspeed={"zero_optimization": {"stage": 2}}),
-                         train_dataset=parity_rows[:80],
-                         resume_from_checkpoint=storage.join(bucket, "steady", "run", "checkpoint-4")).train()
-    assert [h["global_step"] for h in resumed.history] == list(range(5, STEPS + 1))
-    assert resumed.metrics["loss"] == pytest.approx(steady.metrics["loss"], abs=1e-5)
-    assert resumed.metrics["num_tokens"] == steady.metrics["num_tokens"]
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in parity_rows[:80]))
+    (job_dir / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    values = {k: v for k, v in config(storage.join(bucket, "job")).to_dict().items()
+              if k in ("storage_path", "num_workers", "per_device_train_batch_size", "learning_rate", "max_length",
+                       "logging_steps", "max_steps", "save_steps", "run_name", "resources_per_worker")}
+    (job_dir / "config.yaml").write_text(yaml.safe_dump({
+        **values, "model": tiny_model, "train_dataset": str(job_dir / "pairs.jsonl"), "deepspeed": "ds.json",
+        "output_dir": storage.join(bucket, "job-model"),
+        "resume_from_checkpoint": storage.join(bucket, "steady", "run", "checkpoint-4")}))
+    env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{ray_cluster.dashboard_port}"}
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+
+    def ray(*args, timeout=120):
+        done = subprocess.run([ray_cli, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        return done.stdout + done.stderr
+
+    # Without --no-wait the CLI follows the job to its end (one process instead of polling `ray job status`).
+    ray("job", "submit", "--submission-id", "raydpo-resume", "--working-dir", str(job_dir),
+        "--", "raydpo", "train", "config.yaml", timeout=500)
+    status, logs = ray("job", "status", "raydpo-resume"), ray("job", "logs", "raydpo-resume")
+    assert "succeeded" in status, status + logs[-3000:]
+    steps = [int(line.split()[2].split("/")[0]) for line in logs.splitlines() if line.startswith("[raydpo] step ")]
+    assert steps == list(range(5, STEPS + 1)), logs[-3000:]
+    assert "[raydpo] done: 10 steps" in logs
+    with storage.local_dir(storage.join(bucket, "job-model")) as job_model, \
+            storage.local_dir(storage.join(bucket, "steady", "run", "checkpoint-10", "model")) as steady_model:
+        resumed, untouched = (AutoModelForCausalLM.from_pretrained(m).state_dict() for m in (job_model, steady_model))
+    assert resumed.keys() == untouched.keys()
+    for name, tensor in untouched.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
 def test_missing_s3_checkpoint_is_refused(bucket, tiny_model, parity_rows, ray_cluster):
