@@ -16,6 +16,7 @@ Metrics are named as transformers' integrations name them (its `rewrite_logs`): 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import List
 
@@ -95,6 +96,8 @@ class Trackers:
             self.tensorboard.close()
             if self.local_dir != self.run_dir:
                 storage.copy_dir(os.path.join(self.local_dir, "tensorboard"), storage.join(self.run_dir, "tensorboard"))
+        if self.local_dir != self.run_dir and self.wandb_run is None:  # W&B's local files stay (WANDB_DIR)
+            shutil.rmtree(self.local_dir, ignore_errors=True)
         if self.mlflow_run is not None:
             import mlflow
 
