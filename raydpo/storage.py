@@ -89,16 +89,3 @@ def local_dir(path: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="raydpo-download-") as directory:
         yield copy_dir(path, directory)
 
-
-def read_text(path: str) -> str:
-    fs, fs_path = resolve(path)
-    with fs.open_input_stream(fs_path) as f:
-        return f.read().decode()
-
-
-def write_text(path: str, text: str) -> None:
-    fs, fs_path = resolve(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(fs_path), exist_ok=True)
-    with fs.open_output_stream(fs_path) as f:
-        f.write(text.encode())
