@@ -55,6 +55,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def on_this_node():
+    """A scheduling strategy that keeps an actor on the driver's node (which a run cannot outlive anyway)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def resolve_use_gpu(config):
     """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any."""
     if config.use_gpu is not None:

@@ -5,7 +5,8 @@ temporary folder and renamed into place, so a concurrent writer or a crash never
 entry. The key hashes the source data, the split, the user's map_fn, the tokenizer and this
 module's format version. Source data is identified by each file's path, size and modification
 time; in-memory lists by their content; `datasets` datasets by their fingerprint. A Ray Dataset is
-keyed only when `to_ray_dataset` built it. The cache folder must be local (or a shared mount).
+keyed only when `to_ray_dataset` built it. The cache folder is local, a shared mount or a URI (s3://...;
+raydpo.storage); it is read and written on the driver only.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import inspect
 import json
 import logging
 import os
+import posixpath  # pyarrow.fs paths: '/' on every filesystem
 import shutil
 import uuid
 from typing import Any, Callable, Optional
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+
+from raydpo import storage
 
 from raydpo.data.sources import data_files, is_saved_dataset, jsonable, origin
 from raydpo.data.images import is_processor, text_tokenizer
@@ -61,38 +66,52 @@ def tokenizer_id(tokenizer) -> str:
 
 
 def load(cache_dir: str, key: str) -> Optional["ray.data.Dataset"]:
-    entry = os.path.join(os.path.expanduser(cache_dir), key)
-    if not os.path.exists(os.path.join(entry, "meta.json")):
+    """The entry's rows, read here on the driver and handed to Ray as in-memory blocks: a Ray Data read
+    task could run on a node that sees neither a local cache folder nor the driver's credentials."""
+    fs, entry = storage.resolve(storage.join(_expand(cache_dir), key))
+    if fs.get_file_info(posixpath.join(entry, "meta.json")).type != pafs.FileType.File:
         return None
-    parts = sorted(os.path.join(entry, name) for name in os.listdir(entry) if name.endswith(".parquet"))
+    parts = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(entry))
+                   if info.path.endswith(".parquet"))
     if not parts:
         return None
     logger.info("tokenized dataset: cache hit %s", entry)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(parts).materialize()
+    return ray.data.from_arrow([pq.read_table(part, filesystem=fs) for part in parts]).materialize()
 
 
 def save(ds: "ray.data.Dataset", cache_dir: str, key: str) -> None:
-    """Write `ds` (in row order) as one cache entry; a finished entry from a concurrent writer wins."""
-    cache_dir = os.path.expanduser(cache_dir)
-    entry = os.path.join(cache_dir, key)
-    tmp = os.path.join(cache_dir, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    """Write `ds` (in row order) as one cache entry; a finished entry from a concurrent writer wins.
+
+    A local entry is written to a temporary folder and renamed into place. An object store (a URI) has
+    no folder rename: the parts go straight into the entry and meta.json, which `load` looks for, is
+    written last, so a crash leaves no entry that loads (two writers of one key write the same rows)."""
+    cache_dir = _expand(cache_dir)
+    fs, entry = storage.resolve(storage.join(cache_dir, key))
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = os.path.join(cache_dir, f".tmp-{key}-{uuid.uuid4().hex[:8]}") if local else entry
+    fs.create_dir(target)
     try:
         rows = 0
         # Written from the driver, block by block, so part order is row order.
         for i, batch in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
-            pq.write_table(batch, os.path.join(tmp, f"part-{i:05d}.parquet"))
+            pq.write_table(batch, posixpath.join(target, f"part-{i:05d}.parquet"), filesystem=fs)
             rows += batch.num_rows
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"rows": rows, "version": VERSION}, f)
-        os.rename(tmp, entry)
+        with fs.open_output_stream(posixpath.join(target, "meta.json")) as f:
+            f.write(json.dumps({"rows": rows, "version": VERSION}).encode())
+        if local:
+            os.rename(target, entry)
         logger.info("tokenized dataset: cached %d rows in %s", rows, entry)
     except OSError:
-        if not os.path.exists(os.path.join(entry, "meta.json")):
+        if fs.get_file_info(posixpath.join(entry, "meta.json")).type != pafs.FileType.File:
             raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _expand(cache_dir: str) -> str:
+    return cache_dir if storage.is_uri(cache_dir) else os.path.abspath(os.path.expanduser(cache_dir))
 
 
 def _source_id(source: Any, split: Optional[str]):

@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 
+from raydpo import storage
 from raydpo.config import DPOConfig
 from raydpo.data import cache as dataset_cache
 
@@ -45,13 +46,14 @@ def save(dataset: "ray.data.Dataset", cache_dir: str, key: str) -> None:
 
 
 def clear(cache_dir: str) -> int:
-    """Delete every cached reference entry in cache_dir; returns how many were removed."""
-    cache_dir = os.path.expanduser(cache_dir)
-    if not os.path.isdir(cache_dir):
+    """Delete every cached reference entry in cache_dir (a local folder or a URI); returns how many were removed."""
+    fs, path = storage.resolve(cache_dir if storage.is_uri(cache_dir) else os.path.expanduser(cache_dir))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
         return 0
-    entries = [name for name in os.listdir(cache_dir) if name.startswith("ref-")]
-    for name in entries:
-        shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+    entries = [info.path for info in fs.get_file_info(pafs.FileSelector(path))
+               if info.type == pafs.FileType.Directory and info.base_name.startswith("ref-")]
+    for entry in entries:
+        fs.delete_dir(entry)
     return len(entries)
 
 

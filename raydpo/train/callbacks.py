@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import ray
 
+from raydpo import storage
 from raydpo.config import DPOConfig
 from raydpo.train.schedule import resolve_ratios
 from raydpo.train.spec import TrainingPlan
@@ -101,7 +102,7 @@ class CallbackHandler:
                 self.call("on_evaluate", metrics=logs)
         elif kind == "save":
             step = event[1]
-            path = f"{self.run_dir}/checkpoint-{step}"
+            path = storage.join(self.run_dir, f"checkpoint-{step}")  # a URI keeps its query
             self.state.global_step = step
             if self.state.best_global_step == step:
                 self.state.best_model_checkpoint = path

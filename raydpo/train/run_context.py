@@ -18,7 +18,7 @@ import ray
 import ray.train
 import torch
 
-from raydpo import cluster
+from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.data.shard import Shard
 from raydpo.train.spec import WorkerSpec
@@ -68,7 +68,10 @@ class RayRunContext:
         ray_checkpoint = ray.train.get_checkpoint()
         if ray_checkpoint:
             return ray_checkpoint.as_directory()
-        return contextlib.nullcontext(self.spec.resume_from_checkpoint)
+        path = self.spec.resume_from_checkpoint
+        if storage.is_uri(path):  # downloaded to this worker's node for the block
+            return storage.local_dir(path)
+        return contextlib.nullcontext(path)
 
     def log(self, metrics: dict) -> None:
         """Rank 0 records a logged row (the driver prints it: progress.py; trackers and callbacks get it)."""

@@ -1,6 +1,7 @@
 """Where the logged metrics go besides the returned history: `DPOConfig.report_to`, TRL's field.
 
-- "tensorboard" (the default): event files in <storage_path>/<run_name>/tensorboard;
+- "tensorboard" (the default): event files in <storage_path>/<run_name>/tensorboard (with a URI
+  storage_path, written to a local folder and uploaded there when the run ends);
 - "mlflow": one MLflow run per training run (MLFLOW_TRACKING_URI, else <storage_path>/mlruns;
   MLFLOW_EXPERIMENT_NAME, else "raydpo"), with the config as parameters;
 - "wandb": one Weights & Biases run (WANDB_PROJECT, else "raydpo"; WANDB_MODE=offline works without
@@ -15,7 +16,11 @@ Metrics are named as transformers' integrations name them (its `rewrite_logs`): 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import List
+
+from raydpo import storage
 
 TARGETS = ("tensorboard", "mlflow", "wandb")
 # The driver's settings for the trackers, handed to the actor that logs (which may run elsewhere).
@@ -51,10 +56,13 @@ class Trackers:
 
     def __init__(self, targets: List[str], run_dir: str, run_name: str, config: dict):
         self.tensorboard = self.mlflow_run = self.wandb_run = None
-        if "tensorboard" in targets and "://" not in run_dir:
+        self.run_dir = run_dir
+        # TensorBoard and W&B write local files: with a URI storage_path, into a local folder first
+        self.local_dir = tempfile.mkdtemp(prefix="raydpo-trackers-") if storage.is_uri(run_dir) else run_dir
+        if "tensorboard" in targets:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tensorboard = SummaryWriter(os.path.join(self.local_dir, "tensorboard"))
         if "mlflow" in targets:
             mlflow = _require("mlflow", "mlflow-skinny")
 
@@ -65,9 +73,9 @@ class Trackers:
         if "wandb" in targets:
             wandb = _require("wandb", "wandb")
 
-            os.makedirs(run_dir, exist_ok=True)
-            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "raydpo"), name=run_name,
-                                        config=config, dir=os.environ.get("WANDB_DIR", run_dir), reinit="create_new")
+            os.makedirs(self.local_dir, exist_ok=True)
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "raydpo"), name=run_name, config=config,
+                                        dir=os.environ.get("WANDB_DIR", self.local_dir), reinit="create_new")
 
     def log(self, metrics: dict, step: int):
         values = {metric_name(name): float(value) for name, value in metrics.items()
@@ -86,12 +94,23 @@ class Trackers:
     def close(self):
         if self.tensorboard is not None:
             self.tensorboard.close()
+            if self.local_dir != self.run_dir:
+                storage.copy_dir(os.path.join(self.local_dir, "tensorboard"), storage.join(self.run_dir, "tensorboard"))
+        if self.local_dir != self.run_dir and self.wandb_run is None:  # W&B's local files stay (WANDB_DIR)
+            shutil.rmtree(self.local_dir, ignore_errors=True)
         if self.mlflow_run is not None:
             import mlflow
 
             mlflow.end_run()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def check_trackers_storage(report_to, storage_dir: str) -> None:
+    """MLflow's default store is a local folder beside the runs: with a URI storage_path there is none."""
+    if "mlflow" in report_targets(report_to) and storage.is_uri(storage_dir) and "MLFLOW_TRACKING_URI" not in os.environ:
+        raise ValueError(f"DPOConfig.report_to includes 'mlflow' and storage_path is a URI ({storage_dir!r}): "
+                         "set MLFLOW_TRACKING_URI to an MLflow server (its file store cannot live on a URI)")
 
 
 def mlflow_tracking_uri(storage_dir: str) -> str:

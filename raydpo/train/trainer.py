@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -13,7 +14,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydpo import cluster, hub
+from raydpo import cluster, hub, storage
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
@@ -27,7 +28,7 @@ from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import ProgressPrinter
 from raydpo.train.startup import startup_seconds
 from raydpo.train.spec import WorkerSpec, training_plan
-from raydpo.train.trackers import report_targets, tracker_env
+from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
 from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
@@ -43,9 +44,12 @@ class TrainOutput:
 
 
 def export_model(checkpoint: str, output_dir: str) -> str:
-    """Copy a checkpoint's plain transformers folder (policy + tokenizer) to output_dir."""
-    shutil.copytree(os.path.join(checkpoint, MODEL_DIR), output_dir, dirs_exist_ok=True)
-    return output_dir
+    """Copy a checkpoint's plain transformers folder (policy + tokenizer) to output_dir; either may be a
+    local path or a URI (storage.py)."""
+    if not (storage.is_uri(checkpoint) or storage.is_uri(output_dir)):
+        shutil.copytree(os.path.join(checkpoint, MODEL_DIR), output_dir, dirs_exist_ok=True)
+        return output_dir
+    return storage.copy_dir(storage.join(checkpoint, MODEL_DIR), storage.absolute(output_dir))
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -94,6 +98,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     fit_start = time.time()
     config = cluster.resolve_use_gpu(config)
+    if isinstance(config.deepspeed, str):  # a JSON path exists on the driver only: the workers get its contents
+        config = dataclasses.replace(config, deepspeed=config.deepspeed_dict())
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
     check_lr_scheduler(config, plan.total_steps)  # a bad lr_scheduler_kwargs fails here, not in a worker
     datasets = {"train": train_data, "eval": eval_data} if eval_data is not None else {"train": train_data}
@@ -109,10 +115,14 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
                                                   text_tokenizer(tokenizer).pad_token_id)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
-    storage_path = _absolute(config.storage_path or config.output_dir)
+    storage_path = storage.absolute(config.storage_path or config.output_dir)
+    check_trackers_storage(config.report_to, storage_path)
     tracked_config = {k: v for k, v in config.to_dict().items() if k != "hub_token"}  # a secret stays out
-    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()}).remote(
-        report_targets(config.report_to), os.path.join(storage_path, run_name), run_name, tracked_config)
+    # On the driver's node: anywhere else (it takes no CPU, so Ray may put it on any node) the loss of that
+    # node would take the run's history with it, and no restart could log again.
+    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()},
+                                     scheduling_strategy=cluster.on_this_node()).remote(
+        report_targets(config.report_to), storage.join(storage_path, run_name), run_name, tracked_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": WorkerSpec(
@@ -127,7 +137,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
                                                           config.resources_per_worker, pool_cpus(config))),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            # a URI's filesystem resolved here, with the options of its query string (storage.py)
+            storage_path=storage.resolve(storage_path)[1] if storage.is_uri(storage_path) else storage_path,
+            storage_filesystem=storage.resolve(storage_path)[0] if storage.is_uri(storage_path) else None,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             # ranked by the eval metric with load_best_model_at_end, so save_total_limit keeps the best
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.save_total_limit,
@@ -148,7 +160,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     cluster.quiet_logs(config.log_level)
     pump = None
     if handler is not None:
-        handler.train_begin(plan, os.path.join(storage_path, run_name))
+        handler.train_begin(plan, storage.join(storage_path, run_name))
         pump = EventPump(history, handler).start()
     try:
         with ProgressPrinter(lambda count: ray.get(history.events_since.remote(count)), plan.total_steps):
@@ -159,7 +171,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             pump.stop()  # delivers the last events; a callback's error is raised here
     rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
-    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final.path if final else None,
+    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
+                       checkpoint=storage.to_uri(storage_path, final.path) if final else None,
                        startup=startup_seconds(fit_start, marks))
 
 
@@ -171,12 +184,6 @@ def _check_router_aux_loss(model: str, config: DPOConfig):
     path = adapter_base(model) if is_adapter_dir(model) else model
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     router_aux_loss_coef(model_config.get_text_config(), config.router_aux_loss_coef)
-
-
-def _absolute(path: Optional[str]) -> Optional[str]:
-    if path is None or "://" in path:
-        return path
-    return os.path.abspath(path)
 
 
 class DPOTrainer:
@@ -205,6 +212,8 @@ class DPOTrainer:
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         self.args = args or DPOConfig()
+        if isinstance(self.args.deepspeed, str):  # read here, as the data: the path is on the driver only
+            self.args = dataclasses.replace(self.args, deepspeed=self.args.deepspeed_dict())
         # The base model's name for the tokenizer and the model card: a model object's own (what it was
         # loaded from); a path's is the path itself (or an adapter folder's base).
         model_object = is_model_object(model)
@@ -270,7 +279,16 @@ class DPOTrainer:
         workers load that folder like any path; the trainer keeps no reference to the object."""
         if not (is_model_object(model) or is_model_object(ref_model)):
             return model, ref_model
-        folder = objects_folder(self.args.storage_path or self.args.output_dir)
+        location = self.args.storage_path or self.args.output_dir
+        if storage.is_uri(location):
+            cluster.connect(self.args.ray_address)
+            nodes = sum(node["Alive"] for node in ray.nodes())
+            if nodes > 1:  # the object's folder would be on the driver's disk only
+                raise ValueError(f"model / ref_model: a model object is saved to a folder the workers load, and with "
+                                 f"storage_path a URI ({location!r}) on a {nodes}-node cluster that folder is on the "
+                                 "driver only: pass the model's hub id or a path every node reads (save_pretrained "
+                                 "it to shared storage), or set storage_path to a shared mount")
+        folder = objects_folder(location)
         if is_model_object(model):
             model = save_model_object(model, os.path.join(folder, "model"), "model")
         if is_model_object(ref_model):
@@ -287,7 +305,7 @@ class DPOTrainer:
         handler = self.callback_handler
         every_save = self.args.push_to_hub and self.args.hub_strategy == "every_save"
         self.state = fit(self.args, self.model, self.ref_model, self.processing_class, self.train_data,
-                         resume_from_checkpoint=_absolute(self.resume_from_checkpoint), peft_config=self.peft_config,
+                         resume_from_checkpoint=storage.absolute(self.resume_from_checkpoint), peft_config=self.peft_config,
                          eval_data=self.eval_data, handler=handler if handler.callbacks or every_save else None)
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="End of training")
@@ -298,7 +316,8 @@ class DPOTrainer:
         """hub_strategy="every_save": upload a checkpoint's model as soon as it is saved (on the driver)."""
         if not (self.args.push_to_hub and self.args.hub_strategy == "every_save"):
             return
-        self._push(os.path.join(checkpoint_path, MODEL_DIR), logs, f"Training in progress, step {step}")
+        with storage.local_dir(storage.join(checkpoint_path, MODEL_DIR)) as folder:
+            self._push(folder, logs, f"Training in progress, step {step}")
 
     def evaluate(self, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict:
         """DPO metrics of the policy on the eval set (the constructor's, or `eval_dataset`), named as TRL
@@ -316,9 +335,10 @@ class DPOTrainer:
             data = self.eval_data
         else:
             raise ValueError("evaluate needs an eval_dataset: pass one here or to DPOTrainer(eval_dataset=...)")
-        checkpoint_dir = self.state.checkpoint if self.state is not None else None
-        metrics = evaluate_policy(self.args, self.model, self.ref_model, self.peft_config, self.processing_class,
-                                  data, checkpoint_dir)
+        checkpoint = self.state.checkpoint if self.state is not None else None
+        with storage.local_dir(checkpoint) if checkpoint else contextlib.nullcontext() as checkpoint_dir:
+            metrics = evaluate_policy(self.args, self.model, self.ref_model, self.peft_config, self.processing_class,
+                                      data, checkpoint_dir)
         metrics = {f"{metric_key_prefix}_{name[len('eval_'):]}": value for name, value in metrics.items()}
         handler = self.callback_handler
         if self.state is not None and self.state.history:
@@ -350,8 +370,8 @@ class DPOTrainer:
         hub_token and hub_private_repo; dataset_name (TRL's keyword) names the training data on the card."""
         if self.state is None or self.state.checkpoint is None:
             raise RuntimeError("push_to_hub needs a finished train() with a checkpoint: call trainer.train() first")
-        return self._push(os.path.join(self.state.checkpoint, MODEL_DIR), self.state.metrics, commit_message,
-                          repo_id, token, private, dataset_name)
+        with storage.local_dir(storage.join(self.state.checkpoint, MODEL_DIR)) as folder:
+            return self._push(folder, self.state.metrics, commit_message, repo_id, token, private, dataset_name)
 
     def _push(self, folder: str, metrics: dict, commit_message: str, repo_id: Optional[str] = None,
               token: Optional[str] = None, private: Optional[bool] = None, dataset_name: Optional[str] = None) -> str:
@@ -403,6 +423,7 @@ def _checkpoint_folder(path) -> Optional[str]:
         raise ValueError("resume_from_checkpoint=True (the latest checkpoint in output_dir) is not supported: "
                          "checkpoints go to <output_dir or storage_path>/<run_name>/checkpoint-<step>, so pass "
                          "that folder")
-    if not os.path.isdir(path):
+    path = os.fspath(path)
+    if not storage.is_dir(path):  # a local folder or a URI's (s3://bucket/run/checkpoint-500)
         raise ValueError(f"resume_from_checkpoint: no checkpoint folder at {path!r}")
-    return os.fspath(path)
+    return path

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,11 +20,11 @@ from typing import Any, Optional
 import ray
 from ray import tune
 
-from raydpo import cluster
+from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.reference.streamed import pool_cpus
-from raydpo.train.trackers import report_targets, sweep_trial_targets, tune_callbacks
+from raydpo.train.trackers import check_trackers_storage, report_targets, sweep_trial_targets, tune_callbacks
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -111,8 +113,9 @@ TUNE_FIELDS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration",
                "iterations_since_restore", "should_checkpoint", "config", "checkpoint_path"}
 
 
-def _trial_record(result, space: dict) -> dict:
-    """What the report needs of one Tune trial: its swept values, every logged step, its checkpoint."""
+def _trial_record(result, space: dict, results_dir: str) -> dict:
+    """What the report needs of one Tune trial: its swept values, every logged step, its checkpoint (a
+    URI like results_dir's when that is one: Ray reports the path on the storage filesystem)."""
     frame = result.metrics_dataframe
     rows = frame.to_dict("records") if frame is not None else []
     history = [{k: v for k, v in row.items() if k not in TUNE_FIELDS and not k.startswith("config/")
@@ -122,7 +125,7 @@ def _trial_record(result, space: dict) -> dict:
     return {"trial_id": (result.metrics or {}).get("trial_id") or os.path.basename(result.path),
             "config": {k: result.config.get(k) for k in space},
             "history": [h for h in history if "loss" in h or "eval_loss" in h],
-            "checkpoint": checkpoints[-1] if checkpoints else None,
+            "checkpoint": storage.to_uri(results_dir, checkpoints[-1]) if checkpoints else None,
             "error": str(result.error) if result.error else None}
 
 
@@ -146,9 +149,12 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     if metric.startswith("eval/"):  # raydpo's former name for eval metrics, still accepted
         metric = "eval_" + metric[len("eval/"):]
     mode = mode or ("min" if metric.endswith("loss") else "max")
-    results_dir = os.path.abspath(os.path.join(base.output_dir, name or time.strftime("sweep-%Y%m%d-%H%M%S")))
-    trials_dir = os.path.join(results_dir, "trials")
-    os.makedirs(trials_dir, exist_ok=True)
+    # output_dir: a local folder (shared by the nodes on a cluster) or a URI (s3://...; raydpo.storage)
+    results_dir = storage.join(storage.absolute(base.output_dir), name or time.strftime("sweep-%Y%m%d-%H%M%S"))
+    trials_dir = storage.join(results_dir, "trials")
+    if not storage.is_uri(results_dir):
+        os.makedirs(trials_dir, exist_ok=True)
+    check_trackers_storage(base.report_to, results_dir)
 
     # Tokenize once on the driver (paths resolved before Tune changes each trial's working directory).
     trainer = DPOTrainer(model, ref_model=ref_model, args=base, train_dataset=train_dataset,
@@ -171,9 +177,14 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
             actor_cpus = cluster.streamed_actor_cpus(base.precompute_ref_num_actors)
             base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, actor_cpus / concurrency), 2)}
     base_values["output_dir"] = results_dir
+    if isinstance(base.deepspeed, str):  # a JSON path exists on the driver only: trials run anywhere
+        base_values["deepspeed"] = base.deepspeed_dict()
     targets = report_targets(base.report_to)
     base_values["report_to"] = sweep_trial_targets(targets)  # MLflow / W&B runs come from Tune's callbacks
 
+    # With a URI the report is written to a local staging folder, then uploaded with the trials' records.
+    remote = storage.is_uri(results_dir)
+    staging = tempfile.mkdtemp(prefix="raydpo-sweep-") if remote else results_dir
     trainable = tune.with_parameters(_trial, base=base_values, trainer=trainer, trials_dir=trials_dir)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only waits on its Ray Train run (0 is refused)
@@ -182,8 +193,9 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
                                     scheduler=_scheduler(scheduler, metric, mode, space),
                                     metric=None if scheduler in ("asha", "pbt") else metric,
                                     mode=None if scheduler in ("asha", "pbt") else mode),
-        run_config=tune.RunConfig(name="tune", storage_path=results_dir, verbose=1,
-                                  callbacks=tune_callbacks(targets, results_dir)),
+        run_config=tune.RunConfig(name="tune", storage_path=storage.resolve(results_dir)[1] if remote else results_dir,
+                                  storage_filesystem=storage.resolve(results_dir)[0] if remote else None, verbose=1,
+                                  callbacks=tune_callbacks(targets, staging if remote else results_dir)),
     )
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
@@ -196,17 +208,20 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING")
         else:
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
-    records = [_trial_record(result, space) for result in grid]
+    records = [_trial_record(result, space, results_dir) for result in grid]
     if all(r["error"] for r in records):
         raise RuntimeError(f"every trial failed; first error: {records[0]['error']}")
-    with open(os.path.join(results_dir, TRIALS_FILE), "w") as f:
+    with open(os.path.join(staging, TRIALS_FILE), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
-    table, best = write_report(results_dir, metric, mode)
+    table, best = write_report(staging, metric, mode)
+    if remote:
+        storage.copy_dir(staging, results_dir)
+        shutil.rmtree(staging, ignore_errors=True)
     best_model_dir = None
     if best is not None and best.get("checkpoint"):
-        best_model_dir = export_model(best["checkpoint"], os.path.join(results_dir, "best_model"))
+        best_model_dir = export_model(best["checkpoint"], storage.join(results_dir, "best_model"))
     return SweepResult(results_dir=results_dir, table=table, best_config=best["config"] if best else {},
-                       best_model_dir=best_model_dir, csv_path=os.path.join(results_dir, "results.csv"),
-                       plot_path=os.path.join(results_dir, "learning_curves.png"))
+                       best_model_dir=best_model_dir, csv_path=storage.join(results_dir, "results.csv"),
+                       plot_path=storage.join(results_dir, "learning_curves.png"))
 
