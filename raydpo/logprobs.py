@@ -121,6 +121,11 @@ def _head_chunk(head, hidden, labels, with_metrics: bool, with_sum_sq: bool):
     return _ChunkedTokenLogps.apply(logits, labels, labels.shape[1], with_metrics, with_sum_sq)
 
 
+def _vocabulary(head: torch.nn.Module) -> int:
+    """The LM head's output size (out_features: ZeRO-3 leaves a partitioned weight's own shape empty)."""
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+
+
 def head_completion_stats(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
                           completion_mask: torch.Tensor, weights: Optional[torch.Tensor] = None,
                           metrics: bool = False, wpo: bool = False, chunk_size: Optional[int] = None) -> CompletionStats:
@@ -133,8 +138,7 @@ def head_completion_stats(head: torch.nn.Module, hidden: torch.Tensor, input_ids
 
     labels = input_ids[:, 1:]
     length = labels.shape[1]
-    vocabulary = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    size = chunk_size or max(1, CHUNK_ELEMENTS // (labels.shape[0] * vocabulary))
+    size = chunk_size or max(1, CHUNK_ELEMENTS // (labels.shape[0] * _vocabulary(head)))
     parts = [checkpoint(_head_chunk, head, hidden[:, start:start + size], labels[:, start:start + size], metrics, wpo,
                         use_reentrant=False)
              for start in range(0, length, size)]
@@ -191,8 +195,7 @@ def _fuse_head(model, rows: int, positions: int) -> bool:
     head = output_embeddings() if output_embeddings else None
     if head is None or not hasattr(head, "weight"):
         return False
-    vocabulary = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    size = rows * positions * vocabulary * max(head.weight.element_size(), 4)  # log-softmax is >= float32
+    size = rows * positions * _vocabulary(head) * max(head.weight.element_size(), 4)  # log-softmax is >= float32
     return size > FUSED_HEAD_BYTES and shares_prompt_safely(model)
 
 
