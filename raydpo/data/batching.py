@@ -185,6 +185,43 @@ def can_share_prompt(rows: Sequence[dict], max_length: Optional[int], truncation
                for row in rows)
 
 
+@dataclass
+class SharedPromptPair:
+    """One pair as the shared-prompt layouts lay it out: prompt, chosen, rejected in one sequence, the
+    completions cut to what max_length leaves after the prompt (TRL's keep_start, per sequence)."""
+    prompt: List[int]
+    chosen: List[int]
+    rejected: List[int]
+
+    @classmethod
+    def of(cls, row: dict, max_length: Optional[int]) -> "SharedPromptPair":
+        prompt = list(row["prompt_ids"])
+        room = None if max_length is None else max_length - len(prompt)
+        return cls(prompt, list(row["chosen_ids"])[:room], list(row["rejected_ids"])[:room])
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    def tokens(self) -> List[int]:
+        return self.prompt + self.chosen + self.rejected
+
+    def positions(self) -> List[int]:
+        """Rejected positions restart where chosen ones started: each completion sits after the prompt."""
+        p, c, r = len(self.prompt), len(self.chosen), len(self.rejected)
+        return list(range(p + c)) + list(range(p, p + r))
+
+    def predictors(self, start: int) -> tuple:
+        """For a pair whose first token sits at flat position `start`: the positions whose hidden states
+        predict each chosen and each rejected token. Chosen token j sits at p + j and is predicted from
+        p + j - 1; rejected token j sits at p + c + j and is predicted from p + c + j - 1, except the
+        first, predicted from the last prompt token (p - 1), as in its own prompt+rejected sequence."""
+        p, c, r = len(self.prompt), len(self.chosen), len(self.rejected)
+        chosen = list(range(start + p - 1, start + p + c - 1))
+        rejected = [start + p - 1] + list(range(start + p + c, start + p + c + r - 1))
+        return chosen, rejected
+
+
 def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: Optional[int] = None) -> Batch:
     """One sequence per pair, prompt + chosen + rejected, so the prompt is computed once, not twice.
 
@@ -198,14 +235,10 @@ def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: O
     prompt token); `side_input_ids` / `completion_mask` [2B, L + 1] are those tokens with one
     leading slot, shaped like `collate`'s input_ids / completion_mask so the same code scores them.
     """
-    pieces = []
-    for row in rows:
-        prompt = list(row["prompt_ids"])
-        room = None if max_length is None else max_length - len(prompt)
-        pieces.append((prompt, list(row["chosen_ids"])[:room], list(row["rejected_ids"])[:room]))
-    length = max(len(p) + len(c) + len(r) for p, c, r in pieces)
-    sides = max(max(len(c), len(r)) for _, c, r in pieces)
-    n = len(pieces)
+    pairs = [SharedPromptPair.of(row, max_length) for row in rows]
+    length = max(pair.length for pair in pairs)
+    sides = max(max(len(pair.chosen), len(pair.rejected)) for pair in pairs)
+    n = len(pairs)
     input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
     attention = torch.zeros((n, 1, length, length), dtype=torch.bool)
@@ -213,26 +246,24 @@ def collate_shared_prompt(rows: Sequence[dict], pad_token_id: int, max_length: O
     side_input_ids = torch.full((2 * n, sides + 1), pad_token_id, dtype=torch.long)
     side_completion_mask = torch.zeros((2 * n, sides + 1), dtype=torch.long)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    for i, (prompt, chosen, rejected) in enumerate(pieces):
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        input_ids[i, :p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-        position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+    for i, pair in enumerate(pairs):
+        p, c, end = len(pair.prompt), len(pair.chosen), pair.length
+        input_ids[i, :end] = torch.tensor(pair.tokens(), dtype=torch.long)
+        position_ids[i, :end] = torch.tensor(pair.positions(), dtype=torch.long)
         mask = causal.clone()
-        mask[:, p + c + r:] = False  # padding is never attended to
-        mask[p + c:, p:p + c] = False  # rejected tokens do not see chosen ones
-        mask[p + c + r:, 0] = True  # padding queries see one token, so their softmax stays finite
+        mask[:, end:] = False  # padding is never attended to
+        mask[p + c:, p:p + c] = False  # rejected tokens (and padding) do not see chosen ones
+        mask[end:, 0] = True  # padding queries see one token, so their softmax stays finite
         attention[i, 0] = mask
-        base = i * length
-        # chosen token j sits at p + j and is predicted from p + j - 1; rejected token j sits at
-        # p + c + j and is predicted from p + c + j - 1, except the first, predicted from p - 1.
-        gather_index[i, :c] = base + torch.arange(p - 1, p + c - 1)
-        gather_index[n + i, :r] = base + torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
-        for side, tokens in ((i, chosen), (n + i, rejected)):
+        chosen_from, rejected_from = pair.predictors(start=i * length)
+        gather_index[i, :c] = torch.tensor(chosen_from, dtype=torch.long)
+        gather_index[n + i, :len(pair.rejected)] = torch.tensor(rejected_from, dtype=torch.long)
+        for side, tokens in ((i, pair.chosen), (n + i, pair.rejected)):
             side_input_ids[side, 1:1 + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             side_completion_mask[side, 1:1 + len(tokens)] = 1
     return Batch(SHARED_PROMPT, input_ids, attention, side_completion_mask,
-                 num_tokens=sum(2 * len(p) + len(c) + len(r) for p, c, r in pieces),
-                 num_filled=sum(len(p) + len(c) + len(r) for p, c, r in pieces),
+                 num_tokens=sum(len(pair.prompt) + pair.length for pair in pairs),
+                 num_filled=sum(pair.length for pair in pairs),
                  position_ids=position_ids, gather_index=gather_index, side_input_ids=side_input_ids,
                  ref_logps=_reference_column(rows))
 
@@ -259,16 +290,15 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
         prompt = list(row["prompt_ids"])
         start = len(tokens)
         if share_prompt:  # one sequence: prompt, chosen, rejected; rejected skips chosen
-            room = None if max_length is None else max_length - len(prompt)
-            chosen, rejected = list(row["chosen_ids"])[:room], list(row["rejected_ids"])[:room]
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            tokens += prompt + chosen + rejected
-            positions += list(range(p + c)) + list(range(p, p + r))
-            spans.append((start, start + p + c + r, [((start + p + c, start + p + c + r), (start + p, start + p + c))]))
-            sides["chosen_ids"].append(([pad_token_id] + chosen, [0] + [1] * c,
-                                        list(range(start + p - 1, start + p + c - 1))))
-            sides["rejected_ids"].append(([pad_token_id] + rejected, [0] + [1] * r,
-                                          [start + p - 1] + list(range(start + p + c, start + p + c + r - 1))))
+            pair = SharedPromptPair.of(row, max_length)
+            p, c, end = len(pair.prompt), len(pair.chosen), start + pair.length
+            tokens += pair.tokens()
+            positions += pair.positions()
+            spans.append((start, end, [((start + p + c, end), (start + p, start + p + c))]))
+            chosen_from, rejected_from = pair.predictors(start)
+            sides["chosen_ids"].append(([pad_token_id] + pair.chosen, [0] + [1] * c, chosen_from))
+            sides["rejected_ids"].append(([pad_token_id] + pair.rejected, [0] + [1] * len(pair.rejected),
+                                          rejected_from))
             continue
         for side in ("chosen_ids", "rejected_ids"):  # two sequences, as `collate` truncates them
             completion = list(row[side])
