@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from raydpo.model_loading import is_peft_model
+from raydpo.model_loading import is_peft_model, reference_model_path
 from raydpo.train.deepspeed import zero_stage
 from raydpo.train.spec import ResumeState
 
@@ -32,6 +32,13 @@ def save(engine, directory: str, rank: int, ds_config: dict, tokenizer, state: R
         state_dict = reference.state_dict(rank)
         if rank == 0:
             reference.model.save_pretrained(os.path.join(directory, REFERENCE_DIR), state_dict=state_dict)
+
+
+def reference_path(model, ref_model, config, directory=None) -> str:
+    """Where the run's reference model is: ref_model, else the initial model; with TR-DPO
+    (sync_ref_model) the reference a checkpoint `directory` saved, as it had moved by then."""
+    path = reference_model_path(model, ref_model)
+    return (saved_reference(directory) or path) if config.sync_ref_model else path
 
 
 def saved_reference(directory) -> str | None:

@@ -13,9 +13,8 @@ from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.shard import Shard
-from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
-                                  load_policy, reference_model_path)
-from raydpo.reference import InWorkerReference, PeftBaseReference
+from raydpo.model_loading import continued_adapter, fit_to_model, load_policy
+from raydpo.reference import model_reference
 from raydpo.train import checkpoint
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.step import evaluate
@@ -36,13 +35,8 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
     config = precision.resolve(config, on_gpu=device.type == "cuda")  # the training workers' compute dtype
     dtype = precision.compute_dtype(config)
     precision.place(policy, device, dtype)
-    if ref_model is None and is_peft_model(policy):
-        reference = PeftBaseReference(policy, REF_ADAPTER if reference_adapter else None)
-    else:
-        path = reference_model_path(model, ref_model)
-        if config.sync_ref_model:
-            path = checkpoint.saved_reference(checkpoint_dir) or path
-        reference = InWorkerReference(load_model(path, config), {}, device, dtype)
+    path = checkpoint.reference_path(model, ref_model, config, checkpoint_dir)
+    reference = model_reference(policy, ref_model, path, config, {}, device, dtype)
     config = fit_to_model(config, policy)
     rows = Shard.read(data.dataset)
     num_batches = math.ceil(len(rows) / config.per_device_eval_batch_size)

@@ -28,9 +28,8 @@ from raydpo.config import DPOConfig
 from raydpo.data.batching import epoch_order, token_counts
 from raydpo.data.shard import Shard
 from raydpo.logprobs import text_config
-from raydpo.model_loading import (REF_ADAPTER, continued_adapter, fit_to_model, is_peft_model, load_model,
-                                  load_policy, reference_model_path)
-from raydpo.reference import InWorkerReference, PeftBaseReference, PrecomputedReference, Reference, StreamedReference
+from raydpo.model_loading import continued_adapter, fit_to_model, load_policy
+from raydpo.reference import PrecomputedReference, Reference, StreamedReference, model_reference
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow
@@ -59,14 +58,9 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
         return StreamedReference(spec.reference_pool, config.stream_ref_prefetch_batches)
-    if spec.ref_model is None and is_peft_model(engine.module):
-        # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
-        adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
-        return PeftBaseReference(engine.module, adapter)
-    path = reference_model_path(spec.model, spec.ref_model)
-    if config.sync_ref_model:
-        path = checkpoint.saved_reference(resume_dir) or path
-    return InWorkerReference(load_model(path, config), ds_config, engine.device, precision.compute_dtype(config))
+    path = checkpoint.reference_path(spec.model, spec.ref_model, config, resume_dir)
+    return model_reference(engine.module, spec.ref_model, path, config, ds_config, engine.device,
+                           precision.compute_dtype(config))
 
 
 class DPOWorker:
