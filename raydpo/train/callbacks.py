@@ -2,7 +2,7 @@
 
 The workers run the loop; rank 0 sends each logged row and each saved checkpoint to the run's
 MetricsHistory actor (history.py) as an event, in order. While Ray Train runs, a thread of the driver
-polls the actor and delivers each event at once (live, not replayed at the end):
+(progress.EventPump) polls the actor and delivers each event at once (live, not replayed at the end):
 
 - a logged row: `on_log(logs=<training metrics>)`, and when the row holds an evaluation,
   `on_log(logs=<eval_ metrics>)` then `on_evaluate(metrics=<eval_ metrics>)`, as transformers' Trainer
@@ -25,10 +25,7 @@ DPOConfig's schedule decides those.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Callable, Optional
-
-import ray
 
 from raydpo import storage
 from raydpo.config import DPOConfig
@@ -125,42 +122,3 @@ class CallbackHandler:
 
     def train_end(self):
         self.call("on_train_end")
-
-
-class EventPump:
-    """The driver thread that delivers the history actor's events while Ray Train runs, and acks each
-    finished step (with should_training_stop) so waiting workers go on."""
-
-    def __init__(self, history, handler: CallbackHandler):
-        self.history, self.handler = history, handler
-        self.done, self.errors, self.index = threading.Event(), [], 0
-        self.thread = threading.Thread(target=self._run, name="raydpo-callbacks", daemon=True)
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        """After Ray Train returned: deliver what is left, then re-raise a callback's error."""
-        self.done.set()
-        self.thread.join()
-        if self.errors:
-            raise self.errors[0]
-
-    def _run(self):
-        try:
-            while True:
-                finished = self.done.is_set()
-                events = ray.get(self.history.events_since.remote(self.index))
-                self.index += len(events)
-                for event in events:
-                    self.handler.handle(event)
-                    if event[0] == "end":
-                        ray.get(self.history.ack.remote(event[1], bool(self.handler.control.should_training_stop)))
-                if finished and not events:
-                    return
-                if not events:
-                    self.done.wait(0.1)
-        except BaseException as error:  # a callback failed: stop the workers, raise it after the run
-            self.errors.append(error)
-            ray.get(self.history.ack.remote(float("inf"), True))

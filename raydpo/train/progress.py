@@ -1,9 +1,12 @@
-"""The run's progress display: one line per logged step, printed by the process that called fit().
+"""Following a run from the process that called fit(): one line per logged step, and the events that
+drive transformers TrainerCallbacks (callbacks.py).
 
-Rank 0 sends each logged dict to the run's MetricsHistory actor, as a ("log", metrics) event; a thread
-here reads the new events every second and prints the logged ones. A line printed by a training worker would reach the driver through
-Ray's log forwarding, prefixed with the worker's name and pid and interleaved with Ray's own lines;
-read here, it is one plain line per step, with the time per step and the time left.
+Rank 0 sends each logged dict to the run's MetricsHistory actor, as a ("log", metrics) event, and each
+saved checkpoint and finished step as events too; one thread here (EventPump) reads the new events and
+prints the logged ones, and hands every event to the callbacks' handler when there are callbacks.
+A line printed by a training worker would reach the driver through Ray's log forwarding, prefixed
+with the worker's name and pid and interleaved with Ray's own lines; read here, it is one plain line
+per step, with the time per step and the time left.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 SHOWN = {"loss": "loss", "rewards/accuracies": "acc", "rewards/margins": "margin", "learning_rate": "lr",
          "eval_loss": "eval_loss", "eval_rewards/accuracies": "eval_acc"}
@@ -33,42 +36,16 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressPrinter:
-    """`with ProgressPrinter(fetch, total_steps): trainer.fit()` prints each logged step as it lands;
-    `fetch(count)` returns the (kind, value) events after the first `count` (MetricsHistory.events_since).
+    """Prints each logged step as one line (progress_line), with the rate measured here, between the first
+    and the latest logged step: it covers everything a step costs (evaluation and checkpoints included),
+    and start-up is not counted in it."""
 
-    The rate is measured here, between the first and the latest logged step, so it covers everything a
-    step costs (evaluation and checkpoints included), and start-up is not counted in it."""
-
-    def __init__(self, fetch, total_steps: int, interval_s: float = 1.0, out=None):
-        self.fetch, self.total_steps, self.interval_s = fetch, total_steps, interval_s
-        self.out = out or sys.stdout
-        self.seen = 0
+    def __init__(self, total_steps: int, out=None):
+        self.total_steps, self.out = total_steps, out or sys.stdout
         self.first: Optional[tuple] = None  # (time, step) of the first logged training step
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raydpo-progress", daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._print_new()  # whatever landed after the last poll
-        return False
-
-    def _run(self):
-        while not self._stop.wait(self.interval_s):
-            self._print_new()
-
-    def _print_new(self):
-        try:
-            events = self.fetch(self.seen)
-        except Exception:  # the progress display must never fail a run; the history is read again at the end
-            return
-        self.seen += len(events)
-        for metrics in (value for kind, value in events if kind == "log"):
-            print(self.line(metrics, time.monotonic()), file=self.out, flush=True)
+    def show(self, metrics: dict) -> None:
+        print(self.line(metrics, time.monotonic()), file=self.out, flush=True)
 
     def line(self, metrics: dict, now: float) -> str:
         step = metrics.get("global_step", 0)
@@ -79,3 +56,68 @@ class ProgressPrinter:
             rate = (now - self.first[0]) / (step - self.first[1])
         left = rate * (self.total_steps - step) if rate is not None else None
         return progress_line(metrics, self.total_steps, rate, left)
+
+
+class EventPump:
+    """`with EventPump(fetch, printer, handler, ack): trainer.fit()`: the one driver thread that follows
+    the run's events while Ray Train runs. `fetch(count)` returns the (kind, value) events after the first
+    `count` (MetricsHistory.events_since). Each logged row goes to the printer; with TrainerCallbacks, every
+    event also goes to their `handler` (callbacks.CallbackHandler), and each finished step is acked with
+    `ack(step, should_training_stop)` (MetricsHistory.ack) so that the workers waiting on it go on.
+
+    The display never fails a run: without a handler, a failed fetch is skipped (the history is read
+    again at the end). A callback's error, or a failed fetch the callbacks would miss events by, stops
+    the workers (an ack of every step with stop) and is raised when the block ends."""
+
+    def __init__(self, fetch: Callable[[int], list], printer: ProgressPrinter, handler=None,
+                 ack: Optional[Callable[[float, bool], None]] = None, interval_s: float = 1.0):
+        self.fetch, self.printer, self.handler, self.ack = fetch, printer, handler, ack
+        self.interval_s, self.seen, self.errors = interval_s, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raydpo-events", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        """After Ray Train returned: deliver what is left, then raise a callback's error."""
+        self._stop.set()
+        self._thread.join()
+        if self.errors:
+            raise self.errors[0]
+        return False
+
+    def _run(self):
+        try:
+            while True:
+                finished = self._stop.is_set()  # read before the fetch: that fetch still gets the last events
+                events = self._fetch()
+                for event in events:
+                    self._deliver(event)
+                if finished and not events:
+                    return
+                if not events:
+                    self._stop.wait(self.interval_s)
+        except BaseException as error:  # a callback failed: stop the workers, raise it after the run
+            self.errors.append(error)
+            self.ack(float("inf"), True)
+
+    def _fetch(self) -> list:
+        try:
+            events = self.fetch(self.seen)
+        except Exception:
+            if self.handler is not None:
+                raise
+            return []
+        self.seen += len(events)
+        return events
+
+    def _deliver(self, event: tuple) -> None:
+        kind, value = event
+        if kind == "log":
+            self.printer.show(value)
+        if self.handler is not None:
+            self.handler.handle(event)
+            if kind == "end":
+                self.ack(value, bool(self.handler.control.should_training_stop))

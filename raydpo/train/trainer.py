@@ -19,13 +19,13 @@ from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.shards import ContiguousShards
-from raydpo.train.callbacks import CallbackHandler, EventPump
+from raydpo.train.callbacks import CallbackHandler
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
 from raydpo.train.loop import train_loop_per_worker
 from raydpo.train.model_objects import is_model_object, model_name, objects_folder, save_model_object
 from raydpo.train.history import MetricsHistory
-from raydpo.train.progress import ProgressPrinter
+from raydpo.train.progress import EventPump, ProgressPrinter
 from raydpo.train.startup import startup_seconds
 from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
@@ -158,17 +158,18 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     # preempted node is restarted by max_failures. The watcher would be one more actor per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     cluster.quiet_logs(config.log_level)
-    pump = None
     if handler is not None:
         handler.train_begin(plan, storage.join(storage_path, run_name))
-        pump = EventPump(history, handler).start()
+    # One driver thread follows the run: the progress lines and, with callbacks, their events and acks
+    # (polled more often then, since workers wait on each ack).
+    pump = EventPump(lambda count: ray.get(history.events_since.remote(count)), ProgressPrinter(plan.total_steps),
+                     handler, lambda step, stop: ray.get(history.ack.remote(step, stop)),
+                     interval_s=1.0 if handler is None else 0.1)
     try:
-        with ProgressPrinter(lambda count: ray.get(history.events_since.remote(count)), plan.total_steps):
+        with pump:  # delivers the last events after fit(); a callback's error is raised here
             result = trainer.fit()
     finally:
         stop_reference_pool(reference_pool)
-        if pump is not None:
-            pump.stop()  # delivers the last events; a callback's error is raised here
     rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
