@@ -48,9 +48,18 @@ def compute_dtype(config: DPOConfig) -> torch.dtype:
 
 
 def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen model (a reference) on `device` in `dtype` (compute_dtype). float32 casts nothing: a
-    model loaded in another dtype on purpose (model_init_kwargs "dtype") under float32 training stays so."""
-    return model.to(device=device, dtype=None if dtype == torch.float32 else dtype)
+    """A frozen model (a reference) on `device`, its parameters in `dtype` (compute_dtype), cast as
+    DeepSpeed casts the policy under bf16/fp16: parameters only. Buffers keep their dtype, so RoPE's
+    float32 inv_freq stays float32 in both models and, before the first update, the reference computes
+    bit for bit what the policy computes (a blanket `model.to(bf16)` rounds inv_freq too: on SmolLM2 that
+    gave step-1 rewards of 3e-2 instead of 0). float32 casts nothing: a model loaded in another dtype on
+    purpose (model_init_kwargs "dtype") under float32 training stays so."""
+    model.to(device=device)
+    if dtype != torch.float32:
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
 
 
 def fill_deepspeed(ds: dict, config: DPOConfig) -> None:

@@ -39,6 +39,11 @@ def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_mode
         placed = {t.device for t in [*reference.model.parameters(), *reference.model.buffers()]}
         assert placed == {ACCELERATOR}, ds_config
         assert {p.dtype for p in reference.model.parameters()} == {dtype}, ds_config
+        # cast as DeepSpeed casts the policy: parameters only, so RoPE's float32 inv_freq stays float32
+        # in both and the reference computes exactly what the policy does before the first update
+        assert {n: b.dtype for n, b in reference.model.named_buffers()} == \
+            {n: b.dtype for n, b in engine.module.named_buffers()}
+        assert reference.model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
 @pytest.mark.parametrize("options, dtype", [({}, torch.float32), ({"bf16": True}, torch.bfloat16),

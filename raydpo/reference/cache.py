@@ -26,7 +26,7 @@ from raydpo import storage
 from raydpo.config import DPOConfig
 from raydpo.data import cache as dataset_cache
 
-VERSION = 1  # bump when the log-prob computation changes
+VERSION = 2  # bump when the log-prob computation changes (2: bf16/fp16 references keep float32 buffers)
 
 
 def cache_key(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig) -> str:
