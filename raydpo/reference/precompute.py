@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from raydpo import cluster, precision
+from raydpo import cluster, precision, sizing
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely
@@ -83,16 +83,6 @@ def needs_precompute(dataset: "ray.data.Dataset") -> bool:
     return False
 
 
-def actor_resources(config: DPOConfig) -> dict:
-    if config.precompute_ref_resources:
-        return dict(config.precompute_ref_resources)
-    if config.use_gpu:
-        return {"GPU": 1}
-    if config.stream_ref_log_probs:  # beside the training workers: they and Ray Data need CPUs too
-        return {"CPU": cluster.streamed_actor_cpus(config.precompute_ref_num_actors)}
-    return {"CPU": 1}
-
-
 def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig,
                          pad_token_id: int) -> "ray.data.Dataset":
     """The materialized dataset with REF_COLUMNS, in the same row order (so shards match the
@@ -123,14 +113,14 @@ def _load_cached(cache_dir: Optional[str], key: Optional[str]):
     return cached
 
 
-def remote_args(config: DPOConfig) -> dict:
-    """Ray options of one reference actor (num_cpus, num_gpus, custom resources; a CPU actor's malloc
-    settings)."""
-    resources = actor_resources(config)
+def remote_args(resources: dict, use_gpu: bool) -> dict:
+    """Ray options of one reference actor holding `resources` (sizing.size(...).actor): num_cpus,
+    num_gpus, custom resources, and a CPU actor's malloc settings."""
+    resources = dict(resources)
     args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
     if resources:
         args["resources"] = resources
-    if not config.use_gpu and cluster.cpu_process_env():
+    if not use_gpu and cluster.cpu_process_env():
         args["runtime_env"] = {"env_vars": cluster.cpu_process_env()}
     return args
 
@@ -141,7 +131,7 @@ def actor_threads(args: dict) -> Optional[int]:
 
 
 def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
-    args = remote_args(config)
+    args = remote_args(sizing.size(config, ray.cluster_resources()).actor, config.use_gpu)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # row i keeps its index: the shards stay the same

@@ -21,6 +21,7 @@ import math
 import time
 from typing import Iterator, List, Optional
 
+import ray
 import torch
 
 from raydpo import flops, precision
@@ -58,7 +59,7 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
-        return StreamedReference(spec.reference_pool, config.stream_ref_prefetch_batches)
+        return StreamedReference(ray.get(spec.reference_pool.actors.remote()), config.stream_ref_prefetch_batches)
     if spec.ref_model is None and is_peft_model(engine.module):
         # the continued adapter's frozen copy ("ref", TRL's), else the base with adapters disabled: no second model
         adapter = REF_ADAPTER if REF_ADAPTER in engine.module.peft_config else None
