@@ -32,9 +32,11 @@ class ReferenceLogps:
         if threads:
             torch.set_num_threads(threads)
         self.pad_token_id = pad_token_id
-        on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
+        on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available() and _given_a_gpu()
         self.config = precision.resolve(DPOConfig(**config), on_gpu)  # the training workers' compute dtype
-        self.device = torch.device("cuda" if on_gpu else "cpu")
+        # Ray shows an actor only the GPU it was given, a fraction of one included (CUDA_VISIBLE_DEVICES),
+        # so that GPU is cuda:0 here.
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         model = load_model(model_path, self.config).eval().requires_grad_(False)
         self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
         self.config = fit_to_model(self.config, self.model)  # the layouts this model can run, as in the workers
@@ -64,6 +66,12 @@ class ReferenceLogps:
         with torch.no_grad():
             chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
         return chosen.tolist(), rejected.tolist()
+
+
+def _given_a_gpu() -> bool:
+    """Whether Ray gave this actor a GPU or a share of one. An actor asked for CPUs only (a user's
+    precompute_ref_resources) may still see the node's GPUs, none of which is its to use."""
+    return not ray.is_initialized() or bool(ray.get_gpu_ids())
 
 
 def has_reference_logps(row: dict) -> bool:
