@@ -1,4 +1,4 @@
-"""Connecting to Ray, sizing workers from what the cluster has, and setting up their processes."""
+"""Connecting to Ray and setting up the workers' processes (their sizes: raydpo/sizing.py)."""
 
 from __future__ import annotations
 
@@ -69,29 +69,6 @@ def resolve_use_gpu(config):
     import dataclasses
 
     return dataclasses.replace(config, use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
-
-
-def worker_resources(num_workers: int, use_gpu: bool, requested: Optional[dict], reserved_cpus: float = 0.0) -> dict:
-    """Resources of one training worker. Unless given, CPU workers share all but one of the
-    cluster's CPUs, so Ray Data's tasks still get scheduled (whole-CPU workers starve them on a
-    2-core machine and the run hangs), less `reserved_cpus`: those of actors running beside them."""
-    if requested:
-        return dict(requested)
-    if use_gpu:
-        return {"CPU": 1, "GPU": 1}
-    share = (_cpus_for_actors() - reserved_cpus) / num_workers
-    return {"CPU": round(max(0.1, share), 2)}
-
-
-def streamed_actor_cpus(num_actors: int) -> float:
-    """CPUs of one reference actor running beside the training workers: half of what they may share."""
-    return round(max(0.1, min(1.0, _cpus_for_actors() / 2 / num_actors)), 2)
-
-
-def _cpus_for_actors() -> float:
-    """The cluster's CPUs less one, which Ray Data's tasks need free (half of a 1-CPU cluster)."""
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return total - 1.0 if total >= 2 else total / 2
 
 
 def cpu_process_env() -> dict:

@@ -284,9 +284,11 @@ class DPOConfig:
     precompute_ref_num_actors: int = field(default=1, metadata={
         "help": "Reference actors, each with its own copy of the reference."})
     precompute_ref_resources: Optional[Union[dict, str]] = field(default=None, metadata={
-        "help": "Ray resources of one reference actor (a dict, or JSON text). None: {\"GPU\": 1} with "
-                "use_gpu, else {\"CPU\": 1}; streamed on CPUs: half the CPUs the training workers may share, "
-                "split over the actors, at most 1 each."})
+        "help": "Ray resources of one reference actor (a dict, or JSON text). None: on GPUs, a GPU each when "
+                "there are enough, else an equal fraction of one (precomputed: all the cluster's GPUs, before "
+                "training; streamed: the GPUs the training workers leave, else stream_ref_gpu_fraction of "
+                "theirs); on CPUs {\"CPU\": 1}, or streamed, half the CPUs the training workers may share, "
+                "split over the actors, at most 1 each. A request the cluster cannot hold is refused."})
     precompute_ref_cache_dir: Optional[str] = field(default="~/.cache/raydpo/ref_logps", metadata={
         "help": "Precomputed log-probs are cached here, keyed by (reference model, tokenized rows, settings), "
                 "so a second run and every sweep trial skip the reference forward. None turns the cache off."})
@@ -296,6 +298,12 @@ class DPOConfig:
                 "precompute_ref_log_probs and sync_ref_model."})
     stream_ref_prefetch_batches: int = field(default=2, metadata={
         "help": "How many micro-batches ahead of the one it trains on each worker sends to the pool."})
+    stream_ref_gpu_fraction: float = field(default=0.25, metadata={
+        "help": "stream_ref_log_probs on GPUs, when the cluster has no GPU beyond the training workers': the "
+                "share of each worker's GPU that the reference actors take (Ray fractional GPUs; each worker "
+                "asks for the rest). The default is about the reference's part of the work there: one forward "
+                "against the policy's forward and backward. A scheduling share, not a memory limit. In (0, 0.5): "
+                "a worker must ask for more than half a GPU, so that Ray never puts two workers on one."})
 
     # --- Ray and DeepSpeed (docs/clusters.md) ---
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers."})
@@ -305,7 +313,8 @@ class DPOConfig:
     resources_per_worker: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "Ray resources of one training worker, e.g. {\"CPU\": 0.5} (a dict, or JSON text). None sizes "
                 "it from the cluster: CPU workers share all but one of the cluster's CPUs, so Ray Data's tasks "
-                "are never starved; GPU workers take one GPU each."})
+                "are never starved; GPU workers take one GPU each (less stream_ref_gpu_fraction when "
+                "streamed reference actors share their GPUs). A request the cluster cannot hold is refused."})
     deepspeed: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "A DeepSpeed config: a dict, JSON text, or a path to a JSON file. None uses raydpo's default; "
                 "\"auto\" values and missing batch, accumulation, clipping and optimizer fields are filled "
@@ -497,6 +506,9 @@ class DPOConfig:
                              "with precompute_ref_log_probs or sync_ref_model")
         if self.stream_ref_prefetch_batches < 0:
             raise ValueError(f"DPOConfig.stream_ref_prefetch_batches must be >= 0, got {self.stream_ref_prefetch_batches!r}")
+        if not 0 < self.stream_ref_gpu_fraction < 0.5:
+            raise ValueError(f"DPOConfig.stream_ref_gpu_fraction must be in (0, 0.5), "
+                             f"got {self.stream_ref_gpu_fraction!r}")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size <= 0:
             raise ValueError(f"DPOConfig.precompute_ref_batch_size must be None or > 0, "
                              f"got {self.precompute_ref_batch_size!r}")

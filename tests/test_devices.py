@@ -55,6 +55,25 @@ def test_reference_actors_compute_in_the_workers_dtype(tiny_model, options, dtyp
     assert {p.dtype for p in actor.model.parameters()} == {dtype}
 
 
+@pytest.mark.parametrize("gpu_ids, device", [(["3"], torch.device("cuda", 0)), ([], torch.device("cpu"))])
+def test_reference_actors_use_the_gpu_ray_gave_them(monkeypatch, tiny_model, gpu_ids, device):
+    """Ray shows an actor only the GPU it gave it, a fraction of one included (CUDA_VISIBLE_DEVICES), so a
+    GPU actor puts the reference on cuda:0. An actor asked for CPUs only may still see the node's GPUs: it
+    stays on the CPU."""
+    import ray
+
+    from raydpo.reference import precompute
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
+    placed = []
+    monkeypatch.setattr(precompute.precision, "place", lambda model, to, dtype: placed.append(to) or model)
+    config = DPOConfig(output_dir="unused", report_to="none", use_gpu=True, bf16=False)
+    actor = ReferenceLogps(tiny_model, dataclasses.asdict(config), pad_token_id=0)
+    assert placed == [device] and actor.device == device
+
+
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_every_batch_tensor_moves_to_the_engine_device(tiny_model, parity_rows, share_prompt):
     config = DPOConfig(output_dir="unused", report_to="none", max_length=32, share_prompt=share_prompt, ld_alpha=0.5)

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from raydpo import cluster
-from raydpo.config import DPOConfig
 from raydpo.reference.precompute import remote_args
 
 # In a thread (Ray Train runs the loop in one), allocate, touch and free a 64 MiB tensor (as a logits
@@ -41,9 +40,8 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_reference_actors_get_the_setting_on_cpu_only(monkeypatch):
-    assert remote_args(DPOConfig(precompute_ref_resources={"CPU": 1}))["runtime_env"] == {
-        "env_vars": cluster.cpu_process_env()}
-    assert "runtime_env" not in remote_args(DPOConfig(use_gpu=True, precompute_ref_resources={"CPU": 1, "GPU": 1}))
+    assert remote_args({"CPU": 1}, use_gpu=False)["runtime_env"] == {"env_vars": cluster.cpu_process_env()}
+    assert "runtime_env" not in remote_args({"CPU": 1, "GPU": 1}, use_gpu=True)
     monkeypatch.setenv("RAYDPO_KEEP_FREED_MEMORY", "0")
     assert cluster.cpu_process_env() == {}
-    assert "runtime_env" not in remote_args(DPOConfig(precompute_ref_resources={"CPU": 1}))
+    assert "runtime_env" not in remote_args({"CPU": 1}, use_gpu=False)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from raydpo import cluster, precision
+from raydpo import cluster, precision, sizing
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely
@@ -32,9 +32,11 @@ class ReferenceLogps:
         if threads:
             torch.set_num_threads(threads)
         self.pad_token_id = pad_token_id
-        on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
+        on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available() and _given_a_gpu()
         self.config = precision.resolve(DPOConfig(**config), on_gpu)  # the training workers' compute dtype
-        self.device = torch.device("cuda" if on_gpu else "cpu")
+        # Ray shows an actor only the GPU it was given, a fraction of one included (CUDA_VISIBLE_DEVICES),
+        # so that GPU is cuda:0 here.
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         model = load_model(model_path, self.config).eval().requires_grad_(False)
         self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
         self.config = fit_to_model(self.config, self.model)  # the layouts this model can run, as in the workers
@@ -66,6 +68,12 @@ class ReferenceLogps:
         return chosen.tolist(), rejected.tolist()
 
 
+def _given_a_gpu() -> bool:
+    """Whether Ray gave this actor a GPU or a share of one. An actor asked for CPUs only (a user's
+    precompute_ref_resources) may still see the node's GPUs, none of which is its to use."""
+    return not ray.is_initialized() or bool(ray.get_gpu_ids())
+
+
 def has_reference_logps(row: dict) -> bool:
     return all(row.get(c) is not None and not math.isnan(row[c]) for c in REF_COLUMNS)
 
@@ -81,16 +89,6 @@ def needs_precompute(dataset: "ray.data.Dataset") -> bool:
             if np.isnan(column).any():
                 return True
     return False
-
-
-def actor_resources(config: DPOConfig) -> dict:
-    if config.precompute_ref_resources:
-        return dict(config.precompute_ref_resources)
-    if config.use_gpu:
-        return {"GPU": 1}
-    if config.stream_ref_log_probs:  # beside the training workers: they and Ray Data need CPUs too
-        return {"CPU": cluster.streamed_actor_cpus(config.precompute_ref_num_actors)}
-    return {"CPU": 1}
 
 
 def precompute_ref_logps(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig,
@@ -123,14 +121,14 @@ def _load_cached(cache_dir: Optional[str], key: Optional[str]):
     return cached
 
 
-def remote_args(config: DPOConfig) -> dict:
-    """Ray options of one reference actor (num_cpus, num_gpus, custom resources; a CPU actor's malloc
-    settings)."""
-    resources = actor_resources(config)
+def remote_args(resources: dict, use_gpu: bool) -> dict:
+    """Ray options of one reference actor holding `resources` (sizing.size(...).actor): num_cpus,
+    num_gpus, custom resources, and a CPU actor's malloc settings."""
+    resources = dict(resources)
     args = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0)}
     if resources:
         args["resources"] = resources
-    if not config.use_gpu and cluster.cpu_process_env():
+    if not use_gpu and cluster.cpu_process_env():
         args["runtime_env"] = {"env_vars": cluster.cpu_process_env()}
     return args
 
@@ -141,7 +139,7 @@ def actor_threads(args: dict) -> Optional[int]:
 
 
 def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
-    args = remote_args(config)
+    args = remote_args(sizing.size(config, ray.cluster_resources()).actor, config.use_gpu)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # row i keeps its index: the shards stay the same

@@ -13,19 +13,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Iterable, Iterator, List
+from typing import Iterable, Iterator, List, Optional
 
 import ray
 
+from raydpo import cluster, sizing
 from raydpo.config import DPOConfig
 from raydpo.data.shard import Shard
 from raydpo.reference.precompute import ReferenceLogps, actor_threads, has_reference_logps, remote_args
 from raydpo.reference.precomputed import PrecomputedReference
 
 
-def start_reference_pool(model_path: str, config: DPOConfig, pad_token_id: int) -> list:
-    """precompute_ref_num_actors actors, each holding the frozen reference (precompute_ref_resources each)."""
-    args = remote_args(config)
+def start_reference_pool(model_path: str, config: DPOConfig, pad_token_id: int, args: Optional[dict] = None) -> list:
+    """precompute_ref_num_actors actors, each holding the frozen reference, with the Ray options `args`
+    (precompute.remote_args; None: sized from the cluster)."""
+    if args is None:
+        args = remote_args(sizing.size(config, ray.cluster_resources()).actor, config.use_gpu)
     actor = ray.remote(ReferenceLogps).options(**args)
     return [actor.remote(model_path, dataclasses.asdict(config), pad_token_id, actor_threads(args))
             for _ in range(config.precompute_ref_num_actors)]
@@ -36,9 +39,45 @@ def stop_reference_pool(actors: list) -> None:
         ray.kill(actor)
 
 
-def pool_cpus(config: DPOConfig) -> float:
-    """CPUs the pool holds while training runs (the training workers' share leaves them free)."""
-    return remote_args(config)["num_cpus"] * config.precompute_ref_num_actors if config.stream_ref_log_probs else 0.0
+@ray.remote(num_cpus=0)
+class ReferencePool:
+    """Owns a streamed run's scoring actors, on the driver's side: a restarted worker finds them still there.
+
+    On GPUs they start when the first training worker asks for them (`actors`), once all the workers hold
+    their GPUs. Ray gives a fractional GPU request the fullest GPU that still fits it, so actors started
+    first would crowd onto one GPU and leave too little of it for the worker meant to share it; started
+    second, each fills what a worker left (sizing.py). On CPUs they start at once and load the reference
+    while the workers start."""
+
+    def __init__(self, model_path: str, config: dict, pad_token_id: int, args: dict):
+        self.pool_args = (model_path, DPOConfig(**config), pad_token_id, args)
+        self.pool = None if config["use_gpu"] else start_reference_pool(*self.pool_args)
+
+    def actors(self) -> list:
+        if self.pool is None:
+            self.pool = start_reference_pool(*self.pool_args)
+        return self.pool
+
+    def stop(self) -> None:
+        stop_reference_pool(self.pool or [])
+
+
+def open_reference_pool(model_path: str, config: DPOConfig, pad_token_id: int, resources: dict):
+    """The ReferencePool of a run whose actors each hold `resources` (stop it with close_reference_pool).
+    Their Ray options are made here, so that a CPU actor's malloc setting follows the driver's environment."""
+    return ReferencePool.options(scheduling_strategy=cluster.on_this_node()).remote(
+        model_path, dataclasses.asdict(config), pad_token_id, remote_args(resources, config.use_gpu))
+
+
+def close_reference_pool(pool) -> None:
+    """Stop the scoring actors, then their owner (whose end alone would take them down too, a little later)."""
+    if pool is None:
+        return
+    try:
+        ray.get(pool.stop.remote(), timeout=60)
+    except ray.exceptions.RayError:  # the owner is gone already, and its actors with it
+        pass
+    ray.kill(pool)
 
 
 class StreamedReference(PrecomputedReference):

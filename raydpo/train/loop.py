@@ -21,6 +21,7 @@ import math
 import time
 from typing import Iterator, List, Optional
 
+import ray
 import torch
 
 from raydpo import flops, precision
@@ -57,7 +58,7 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
-        return StreamedReference(spec.reference_pool, config.stream_ref_prefetch_batches)
+        return StreamedReference(ray.get(spec.reference_pool.actors.remote()), config.stream_ref_prefetch_batches)
     path = checkpoint.reference_path(spec.model, spec.ref_model, config, resume_dir)
     return model_reference(engine.module, spec.ref_model, path, config, ds_config, engine.device,
                            precision.compute_dtype(config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from raydpo.config import DPOConfig
 from raydpo.data.batching import micro_batches_per_epoch
@@ -44,7 +44,7 @@ class WorkerSpec:
     history: Any = None  # the MetricsHistory actor's handle
     peft_config: Any = None
     resume_from_checkpoint: Optional[str] = None
-    reference_pool: List[Any] = field(default_factory=list)  # stream_ref_log_probs: the scoring actors
+    reference_pool: Any = None  # stream_ref_log_probs: the ReferencePool actor (reference/streamed.py)
     driver_events: bool = False  # rank 0 also sends ("save", step) events (TrainerCallbacks on the driver)
     wait_for_driver: bool = False  # the workers wait at each logged or saved step to honour should_training_stop
 

@@ -14,7 +14,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydpo import cluster, hub, storage
+from raydpo import cluster, hub, sizing, storage
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
@@ -31,7 +31,7 @@ from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
 from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
-from raydpo.reference.streamed import pool_cpus, start_reference_pool, stop_reference_pool
+from raydpo.reference.streamed import close_reference_pool, open_reference_pool
 
 
 @dataclass
@@ -98,6 +98,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     fit_start = time.time()
     config = cluster.resolve_use_gpu(config)
+    # Before any actor or worker starts: a request the cluster cannot hold would wait forever; refused here.
+    resources = sizing.size(config, ray.cluster_resources())
     if isinstance(config.deepspeed, str):  # a JSON path exists on the driver only: the workers get its contents
         config = dataclasses.replace(config, deepspeed=config.deepspeed_dict())
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)
@@ -106,13 +108,13 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     if config.precompute_ref_log_probs:
         datasets = {name: with_reference_logps(data, config, model, ref_model, tokenizer)
                     for name, data in datasets.items()}
-    reference_pool = []
+    reference_pool = None
     if config.stream_ref_log_probs:
         datasets = {name: with_cached_reference_logps(data, config, model, ref_model)
                     for name, data in datasets.items()}
         if any(needs_precompute(data.dataset) for data in datasets.values()):
-            reference_pool = start_reference_pool(reference_model_path(model, ref_model), config,
-                                                  text_tokenizer(tokenizer).pad_token_id)
+            reference_pool = open_reference_pool(reference_model_path(model, ref_model), config,
+                                                 text_tokenizer(tokenizer).pad_token_id, resources.actor)
     best_metric, best_mode = config.best_metric if config.load_best_model_at_end else (None, "max")
     run_name = config.run_name or time.strftime("raydpo-%Y%m%d-%H%M%S")
     storage_path = storage.absolute(config.storage_path or config.output_dir)
@@ -133,8 +135,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
             wait_for_driver=handler is not None and handler.waits)},  # workers honour should_training_stop
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker=cluster.worker_resources(config.num_workers, config.use_gpu,
-                                                          config.resources_per_worker, pool_cpus(config))),
+            resources_per_worker=resources.worker),
         run_config=ray.train.RunConfig(
             name=run_name,
             # a URI's filesystem resolved here, with the options of its query string (storage.py)
@@ -169,7 +170,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         with pump:  # delivers the last events after fit(); a callback's error is raised here
             result = trainer.fit()
     finally:
-        stop_reference_pool(reference_pool)
+        close_reference_pool(reference_pool)
     rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
     final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,

@@ -20,10 +20,9 @@ from typing import Any, Optional
 import ray
 from ray import tune
 
-from raydpo import cluster, storage
+from raydpo import sizing, storage
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
-from raydpo.reference.streamed import pool_cpus
 from raydpo.train.trackers import check_trackers_storage, report_targets, sweep_trial_targets, tune_callbacks
 from raydpo.tune.report import TRIALS_FILE, write_report
 
@@ -169,13 +168,12 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     base_values = base.to_dict()
     if base.resources_per_worker is None and not base.use_gpu:
         # Concurrent trials share the CPUs that one run would otherwise take alone (streamed: its pool's too).
-        cpus = cluster.worker_resources(base.num_workers, False, None, pool_cpus(base))["CPU"]
-        base_values["resources_per_worker"] = {"CPU": round(max(0.1, cpus / concurrency), 2)}
+        alone = sizing.size(base, ray.cluster_resources())
+        base_values["resources_per_worker"] = {"CPU": round(max(0.1, alone.worker["CPU"] / concurrency), 2)}
         if base.torch_threads_per_worker is None:  # concurrent trials' workers share the cores, not each all of them
             base_values["torch_threads_per_worker"] = max(1, (os.cpu_count() or 1) // (concurrency * base.num_workers))
         if base.stream_ref_log_probs and base.precompute_ref_resources is None:
-            actor_cpus = cluster.streamed_actor_cpus(base.precompute_ref_num_actors)
-            base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, actor_cpus / concurrency), 2)}
+            base_values["precompute_ref_resources"] = {"CPU": round(max(0.1, alone.actor["CPU"] / concurrency), 2)}
     base_values["output_dir"] = results_dir
     if isinstance(base.deepspeed, str):  # a JSON path exists on the driver only: trials run anywhere
         base_values["deepspeed"] = base.deepspeed_dict()
