@@ -23,9 +23,10 @@ its public DPOTrainer on an embedded local Ray. Reported, over the steps after t
   The same count for both systems, so it measures the recipe's work per second and can pass 100%;
 - HFU: hardware FLOPs, those each system actually runs, per second over the same rate. Both are
   counted by raydpo/flops.py `hardware_flops` from the batches the system's collator builds out of
-  this run's rows, cut in order into its micro-batches (each system shuffles them its own way, so the
-  padding per batch is this order's, an estimate; the FLOPs per token are the run's own). raydpo: its
-  layout (shared prompt, padded or padding-free) with the LM head where it runs it. TRL: the padded
+  this run's rows. raydpo: its micro-batches as `epoch_order` groups them by length (seed 0, the rows
+  taken as one shard, also for 2 workers), in its layout (shared prompt, padded or padding-free), the
+  LM head where it runs it. TRL: the rows cut in order into batches (its sampler shuffles them its own
+  way, so the padding per batch is an estimate), the padded
   [2B, T] batch of its collator (which `collate` reproduces), prompt in both rows, and its fused LM head
   on every position but the last (on a GPU with Triton, only the scored positions), run 4 times for
   the policy (forward, the backward's recompute, two gradient matmuls) and once for the reference.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -340,7 +342,8 @@ def tokenized_rows(model_dir: str, rows: list) -> list:
 def system_flops(system: str, tokenized: list) -> tuple:
     """(model, hardware) FLOPs per train token (non-pad chosen and rejected tokens, as num_tokens counts
     them) of `system` over these rows; the module docstring says how each is counted."""
-    from raydpo.data.batching import collate
+    from raydpo.data.batching import collate, epoch_order
+    from raydpo.data.shard import Shard
     from raydpo.flops import hardware_flops, sequence_lengths, step_flops
     from raydpo.model_loading import MASK_KERNELS
 
@@ -354,10 +357,15 @@ def system_flops(system: str, tokenized: list) -> tuple:
     padding_free = options.get("padding_free", False)
     in_step = not any(mode in system for mode in ("-pre", "-stream"))  # the reference forward runs in the step
     size = PROFILE["batch"] // options.get("num_workers", 1)  # pairs per micro-batch
-    lengths = sequence_lengths(tokenized, PROFILE["max_length"])
+    max_length = PROFILE["max_length"]
+    if trl:
+        order = [list(range(start, start + size)) for start in range(0, len(tokenized), size)]
+    else:  # group_by_length, raydpo's default: rows sorted by their padded length before they are cut
+        padded = Shard.from_rows(tokenized).lengths(max_length).tolist()
+        order = epoch_order(len(tokenized), math.ceil(len(tokenized) / size), size, seed=0, epoch=0, lengths=padded)
     hardware = 0.0
-    for start in range(0, len(tokenized), size):
-        batch = collate(tokenized[start:start + size], 0, PROFILE["max_length"], share_prompt=share_prompt,
+    for indices in order:
+        batch = collate([tokenized[i] for i in indices], 0, max_length, share_prompt=share_prompt,
                         padding_free=padding_free)
         head = {}
         if trl:  # its fused head: scored positions with Triton (a GPU), else every position but the last
@@ -365,6 +373,7 @@ def system_flops(system: str, tokenized: list) -> tuple:
             positions = int(batch.completion_mask[:, 1:].sum()) if PROFILE["gpu"] else rows * (width - 1)
             head = {"head_positions": positions, "head_passes": 4}
         hardware += hardware_flops(config, batch, in_step, CHECKPOINTING, **head)
+    lengths = sequence_lengths(tokenized, max_length)
     return step_flops(config, lengths, in_step) / sum(lengths), hardware / sum(lengths)
 
 
