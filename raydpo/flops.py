@@ -11,7 +11,7 @@ Model FLOPs (`step_flops`) count useful work on non-pad tokens only (PaLM's defi
 - chosen and rejected sequences are each counted whole (prompt included), as TRL computes them. The
   FLOPs raydpo saves (a shared prompt run once, the LM head skipped where no token is scored,
   padding-free rows) are not subtracted: MFU measures the recipe's work per second, so it can pass
-  100% of what the hardware ran.
+  100%.
 
 Hardware FLOPs (`hardware_flops`) count what a collated micro-batch (data/batching.py) makes the
 device run, from the batch's own shape:
@@ -27,7 +27,8 @@ device run, from the batch's own shape:
 - the policy 3 passes (forward, backward), plus one more body forward with gradient checkpointing
   (each layer recomputed in the backward); the reference one pass when it runs in the step.
 Not counted: the one position per row whose logits a body-only forward returns (logits_to_keep=1),
-the head's recompute when `logprobs.head_completion_stats` chunks it (logits over 1 GiB), a vision
+the head's recompute when `logprobs.head_completion_stats` chunks it (logits over 1 GiB), the
+padded layout's head on every position for a model that takes no logits_to_keep, a vision
 tower, and the upper triangle that sdpa computes under an explicit mask (it can double attention's
 share): the count is a floor of what runs, not a profile.
 """
