@@ -29,7 +29,8 @@ demo: install
 # in a process (and so a Ray instance) of its own: with one Ray instance serving the whole suite, a late
 # run has been seen to wait forever, its driver never told that Ray Train's controller actor was alive
 # (docs/clusters.md, "Many runs in one session").
-PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py tests/test_docs.py \
+PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py \
+	tests/test_docs.py tests/test_flops.py \
 	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py \
 	tests/test_training_arguments.py
 RAY_TESTS := $(filter-out $(PURE_TESTS),$(wildcard tests/test_*.py))

@@ -18,13 +18,26 @@ its public DPOTrainer on an embedded local Ray. Reported, over the steps after t
 - s/step: mean wall time per optimizer step;
 - peak RSS: the highest resident memory of the training processes (TRL's process; raydpo's Ray Train
   workers summed, the driver and Ray's own daemons not counted), sampled every 0.1 s;
-- MFU: model FLOPs (bench/mfu.py) per second over the fp32 matmul rate measured in this run.
+- MFU: model FLOPs (raydpo/flops.py `step_flops`: each chosen and rejected sequence whole, the LM head
+  on every token) per second over the matmul rate measured in this run (fp32 on CPU, bf16 on a GPU).
+  The same count for both systems, so it measures the recipe's work per second and can pass 100%;
+- HFU: hardware FLOPs, those each system actually runs, per second over the same rate. Both are
+  counted by raydpo/flops.py `hardware_flops` from the batches the system's collator builds out of
+  this run's rows. raydpo: its micro-batches as `epoch_order` groups them by length (seed 0, the rows
+  taken as one shard, also for 2 workers), in its layout (shared prompt, padded or padding-free), the
+  LM head where it runs it. TRL: the rows cut in order into batches (its sampler shuffles them its own
+  way, so the padding per batch is an estimate), the padded
+  [2B, T] batch of its collator (which `collate` reproduces), prompt in both rows, and its fused LM head
+  on every position but the last (on a GPU with Triton, only the scored positions), run 4 times for
+  the policy (forward, the backward's recompute, two gradient matmuls) and once for the reference.
+  Gradient checkpointing adds one body forward of the policy on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -249,13 +262,14 @@ def run_raydpo(model_dir: str, rows: list, steps: int, output_dir: str, system: 
             "peak_rss": memory.peak, "peak_gpu": out.history[-1].get("peak_gpu_memory", 0), "wall": wall}
 
 
-def summarize(name: str, result: dict, warmup: int, flops_per_token: float, ceiling: float) -> dict:
+def summarize(name: str, result: dict, warmup: int, flops_per_token: tuple, ceiling: float) -> dict:
+    """flops_per_token: (model, hardware) FLOPs per train token (`system_flops`)."""
     times, tokens = result["step_times"][warmup:], result["num_tokens"]
     measured_tokens = tokens[-1] - tokens[warmup - 1] if warmup else tokens[-1]
     seconds = sum(times)
+    model, hardware = (measured_tokens * per_token / seconds / ceiling for per_token in flops_per_token)
     return {"system": name, "s/step": seconds / len(times), "tokens/s": measured_tokens / seconds,
-            "peak GiB": (result["peak_gpu"] or result["peak_rss"]) / 2 ** 30,
-            "MFU": measured_tokens * flops_per_token / seconds / ceiling}
+            "peak GiB": (result["peak_gpu"] or result["peak_rss"]) / 2 ** 30, "MFU": model, "HFU": hardware}
 
 
 def main():
@@ -290,18 +304,14 @@ def main():
         return
 
     from bench.mfu import matmul_flops_per_second
-    from raydpo.flops import step_flops
 
     ceiling = matmul_flops_per_second(os.cpu_count() or 1, gpu_bf16=PROFILE["gpu"])
+    tokenized = tokenized_rows(model_dir, rows)
     summaries = []
     for system in args.systems.split(","):
         started = time.time()
         result = run_system(system, args.steps, args.work_dir, args.profile)
-        # FLOPs per non-pad token, from this run's own rows (reference forward included in both systems)
-        lengths = token_lengths(model_dir, rows)
-        in_step = not any(mode in system for mode in ("-pre", "-stream"))  # the reference forward runs in the step
-        flops_per_token = step_flops(model_config(), lengths, reference_forward=in_step) / sum(lengths)
-        summaries.append(summarize(system, result, args.warmup, flops_per_token, ceiling))
+        summaries.append(summarize(system, result, args.warmup, system_flops(system, tokenized), ceiling))
         print(f"[bench] {system}: {time.time() - started:.0f} s", flush=True)
     print_table(summaries, ceiling)
 
@@ -319,15 +329,52 @@ def run_system(system: str, steps: int, work_dir: str, profile: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def token_lengths(model_dir: str, rows: list) -> list:
-    """Non-pad lengths of every chosen and rejected sequence, truncated as both systems do."""
+def tokenized_rows(model_dir: str, rows: list) -> list:
+    """The rows as both systems tokenize them (TRL's rule)."""
     from transformers import AutoTokenizer
 
     from raydpo.data.tokenize import tokenize_row
-    from raydpo.flops import sequence_lengths
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return sequence_lengths([tokenize_row(tokenizer, row) for row in rows], PROFILE["max_length"])
+    return [tokenize_row(tokenizer, row) for row in rows]
+
+
+def system_flops(system: str, tokenized: list) -> tuple:
+    """(model, hardware) FLOPs per train token (non-pad chosen and rejected tokens, as num_tokens counts
+    them) of `system` over these rows; the module docstring says how each is counted."""
+    from raydpo.data.batching import collate, epoch_order
+    from raydpo.data.shard import Shard
+    from raydpo.flops import hardware_flops, sequence_lengths, step_flops
+    from raydpo.model_loading import MASK_KERNELS
+
+    config = model_config()
+    trl = system.startswith("trl")
+    options = {} if trl else raydpo_options(system)
+    kernel = options.get("model_init_kwargs", {}).get("attn_implementation")
+    config._attn_implementation = kernel  # None: transformers' default, sdpa
+    # raydpo's layout; fit_to_model turns share_prompt off for kernels that take no [B, 1, S, S] mask
+    share_prompt = not trl and options.get("share_prompt", True) and (kernel or "sdpa") in MASK_KERNELS
+    padding_free = options.get("padding_free", False)
+    in_step = not any(mode in system for mode in ("-pre", "-stream"))  # the reference forward runs in the step
+    size = PROFILE["batch"] // options.get("num_workers", 1)  # pairs per micro-batch
+    max_length = PROFILE["max_length"]
+    if trl:
+        order = [list(range(start, start + size)) for start in range(0, len(tokenized), size)]
+    else:  # group_by_length, raydpo's default: rows sorted by their padded length before they are cut
+        padded = Shard.from_rows(tokenized).lengths(max_length).tolist()
+        order = epoch_order(len(tokenized), math.ceil(len(tokenized) / size), size, seed=0, epoch=0, lengths=padded)
+    hardware = 0.0
+    for indices in order:
+        batch = collate([tokenized[i] for i in indices], 0, max_length, share_prompt=share_prompt,
+                        padding_free=padding_free)
+        head = {}
+        if trl:  # its fused head: scored positions with Triton (a GPU), else every position but the last
+            rows, width = batch.input_ids.shape
+            positions = int(batch.completion_mask[:, 1:].sum()) if PROFILE["gpu"] else rows * (width - 1)
+            head = {"head_positions": positions, "head_passes": 4}
+        hardware += hardware_flops(config, batch, in_step, CHECKPOINTING, **head)
+    lengths = sequence_lengths(tokenized, max_length)
+    return step_flops(config, lengths, in_step) / sum(lengths), hardware / sum(lengths)
 
 
 def print_table(summaries: list, ceiling: float):
@@ -336,14 +383,15 @@ def print_table(summaries: list, ceiling: float):
     print(f"\n{PROFILE['name']}, batch {PROFILE['batch']}, max_length {PROFILE['max_length']}, "
           f"{'bf16' if PROFILE['bf16'] else 'fp32'}, gradient checkpointing {'on' if CHECKPOINTING else 'off'} "
           f"(both systems); matmul ceiling ({kind}): {ceiling / 1e9:.1f} GFLOP/s")
-    header = f"{'system':<10}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'tok/s vs TRL':>14}{'mem vs TRL':>12}"
+    header = (f"{'system':<10}{'s/step':>9}{'tokens/s':>10}{'peak GiB':>10}{'MFU':>7}{'HFU':>7}{'tok/s vs TRL':>14}"
+              f"{'mem vs TRL':>12}")
     print(header)
     print("-" * len(header))
     for s in summaries:
         speed = f"{s['tokens/s'] / trl['tokens/s']:.2f}x" if trl else "-"
         memory = f"{s['peak GiB'] / trl['peak GiB']:.2f}x" if trl else "-"
         print(f"{s['system']:<10}{s['s/step']:>9.2f}{s['tokens/s']:>10.1f}{s['peak GiB']:>10.2f}{s['MFU']:>7.1%}"
-              f"{speed:>14}{memory:>12}")
+              f"{s['HFU']:>7.1%}{speed:>14}{memory:>12}")
 
 
 if __name__ == "__main__":

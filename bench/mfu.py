@@ -1,5 +1,5 @@
-"""The machine's matrix-multiply ceiling, and a DPO step's model FLOPs (counted by raydpo/flops.py,
-whose docstring says how), for MFU.
+"""The machine's matrix-multiply ceiling, and a DPO step's model FLOPs and hardware FLOPs (counted by
+raydpo/flops.py, whose docstring says how), for MFU and HFU.
 
     .venv/bin/python bench/mfu.py [--threads 2] [--size 2048]
 """
@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from raydpo.flops import matmul_parameters, step_flops  # noqa: E402
+from raydpo.data.batching import collate  # noqa: E402
+from raydpo.flops import hardware_flops, matmul_parameters, step_flops  # noqa: E402
 
 
 def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 5, gpu_bf16: bool = False) -> float:
@@ -61,6 +62,11 @@ def main():
     print(f"{'matmul parameters (M)':<44}{matmul_parameters(config) / 1e6:>14.2f}")
     print(f"{'step GFLOP, batch 4 x 256, with reference':<44}{step_flops(config, lengths) / 1e9:>14.1f}")
     print(f"{'step GFLOP, batch 4 x 256, precomputed ref':<44}{step_flops(config, lengths, False) / 1e9:>14.1f}")
+    # the same 4 pairs (128-token prompt, 128-token completions) as raydpo runs them, reference in the step
+    pairs = [{"prompt_ids": [2] * 128, "chosen_ids": [3] * 128, "rejected_ids": [4] * 128}] * 4
+    for label, share in (("padded", False), ("shared prompt", True)):
+        ran = hardware_flops(config, collate(pairs, 1, 256, share_prompt=share))
+        print(f"{'hardware GFLOP, ' + label + ', with reference':<44}{ran / 1e9:>14.1f}")
 
 
 if __name__ == "__main__":

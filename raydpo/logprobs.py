@@ -229,8 +229,7 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
             view.logits = head(picked)
         return view
     input_ids, completion_mask, weights = batch.input_ids, batch.completion_mask, batch.logp_weights
-    scored = completion_mask[:, 1:].any(0)
-    first = int(scored.float().argmax()) if bool(scored.any()) else 0  # the first position whose logits count
+    first = first_scored_position(completion_mask)
     kwargs = {"input_ids": input_ids, "attention_mask": batch.attention_mask, "use_cache": False, **batch.images}
     if router_logits:
         kwargs["output_router_logits"] = True
@@ -249,6 +248,13 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
     if router_logits:  # a tensor, or 0 when the model returned no router logits
         view.aux_loss = torch.as_tensor(outputs.aux_loss, dtype=torch.float32, device=input_ids.device)
     return view
+
+
+def first_scored_position(completion_mask: torch.Tensor) -> int:
+    """The first position of a padded batch whose logits score a token in some row (0 if none): the
+    padded layout's LM head runs from there on (`_completion_view`; flops.py counts it the same way)."""
+    scored = completion_mask[:, 1:].any(0)  # position t predicts token t + 1
+    return int(scored.float().argmax()) if bool(scored.any()) else 0
 
 
 def _kernel_mask(model, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -311,19 +311,25 @@ def test_flops_count_by_hand():
     assert flops.sequence_lengths(rows(1), max_length=4) == [4, 4]  # prompt 2 + chosen 2; prompt 2 + rejected 3 -> 4
 
 
-def test_mfu_is_the_windows_model_flops_over_time_and_peak(monkeypatch):
+def test_mfu_and_hfu_are_the_windows_flops_over_time_and_peak(monkeypatch):
     """On a GPU raydpo knows the peak of, each logged step has mfu: the window's model FLOPs (its rows'
-    sequence lengths, flops.py) per second per worker, over the peak. Elsewhere it is not logged."""
+    sequence lengths, flops.py) per second per worker, over the peak; and hfu: the FLOPs its batches
+    ran (flops.hardware_flops), the same way. Elsewhere neither is logged."""
     from raydpo import flops
+    from raydpo.data.batching import collate
 
     plain = worker(max_steps=2)
     plain.train()
-    assert all("mfu" not in row for row in plain.context.logged)
+    assert all("mfu" not in row and "hfu" not in row for row in plain.context.logged)
     monkeypatch.setattr(flops, "gpu_peak_flops", lambda dtype: 1e9)
     run = worker(max_steps=2, use_gpu=True)
     run.train()
     by_index = {row["index"]: row for row in rows(8)}
+    config = run.engine.module.config
     for batch, row in zip(run.reference.batches, run.context.logged):
-        lengths = flops.sequence_lengths([by_index[i] for i in batch], run.config.max_length)
-        expected = flops.step_flops(run.engine.module.config, lengths) / row["step_time"] / 1e9
+        batch_rows = [by_index[i] for i in batch]
+        lengths = flops.sequence_lengths(batch_rows, run.config.max_length)
+        expected = flops.step_flops(config, lengths) / row["step_time"] / 1e9
         assert row["mfu"] == pytest.approx(expected, rel=1e-6)
+        ran = flops.hardware_flops(config, collate(batch_rows, 0, run.config.max_length))  # padded: share_prompt off
+        assert row["hfu"] == pytest.approx(ran / row["step_time"] / 1e9, rel=1e-6)

@@ -75,7 +75,7 @@ class DPOWorker:
         self.engine, self.reference, self.ds_config = engine, reference, ds_config
         self.rows, self.eval_rows = rows, eval_rows
         self.lengths = rows.lengths(config.max_length) if config.group_by_length else None
-        # mfu, on GPUs whose peak raydpo knows (flops.GPU_PEAK_FLOPS); nothing is counted elsewhere
+        # mfu and hfu, on GPUs whose peak raydpo knows (flops.GPU_PEAK_FLOPS); nothing is counted elsewhere
         self.peak_flops = flops.gpu_peak_flops(precision.compute_dtype(config)) if config.use_gpu else None
         self.step = resume.global_step  # optimizer steps done
         self.window = MetricsWindow()
@@ -154,7 +154,7 @@ class DPOWorker:
         unclipped = grad_norm(self.engine.module) if measure else None
         skipped_before = self.engine.skipped_steps
         self.engine.step()
-        self.window.add(loss, per_pair, per_token, token_counts(batch), self._model_flops(rows))
+        self.window.add(loss, per_pair, per_token, token_counts(batch), self._flops(rows, batch))
         if not boundary:
             return None
         norm = unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
@@ -208,18 +208,22 @@ class DPOWorker:
                        step_time=elapsed / (self.step - self.window_start_step),
                        tokens_per_second_per_worker=(metrics["num_tokens"] - tokens_before) / elapsed
                        / self.context.world_size)
-        if self.peak_flops:  # model FLOPs per second per worker over the device's peak
-            metrics["mfu"] = self.window.window_flops / elapsed / self.context.world_size / self.peak_flops
+        if self.peak_flops:  # model FLOPs, and the FLOPs the batches ran, per second per worker over the device's peak
+            per_second = elapsed * self.context.world_size * self.peak_flops
+            metrics["mfu"] = self.window.window_flops / per_second
+            metrics["hfu"] = self.window.window_hardware_flops / per_second
         if self.config.use_gpu and torch.cuda.is_available():  # this worker's peak, in bytes (a raydpo extra)
             metrics["peak_gpu_memory"] = float(torch.cuda.max_memory_allocated())
         return metrics
 
-    def _model_flops(self, rows: List[dict]) -> float:
-        """This micro-batch's model FLOPs (flops.py), when mfu is logged."""
+    def _flops(self, rows: List[dict], batch) -> tuple:
+        """This micro-batch's (model, hardware) FLOPs (flops.py), when mfu and hfu are logged."""
         if not self.peak_flops:
-            return 0.0
+            return 0.0, 0.0
+        model_config = text_config(self.engine)
         in_step = not (self.config.precompute_ref_log_probs or self.config.stream_ref_log_probs)
-        return flops.step_flops(text_config(self.engine), flops.sequence_lengths(rows, self.config.max_length), in_step)
+        return (flops.step_flops(model_config, flops.sequence_lengths(rows, self.config.max_length), in_step),
+                flops.hardware_flops(model_config, batch, in_step, bool(self.config.gradient_checkpointing)))
 
     def evaluate(self) -> dict:
         return evaluate(self.engine, self.reference, self.eval_rows, self.plan.eval_batches, self.config,

@@ -64,6 +64,7 @@ class MetricsWindow:
         self.device = torch.device("cpu")
         self.ratio_names = TOKEN_METRICS  # and the OPTIONAL_METRICS the model has, from the first micro-batch
         self.window_flops = 0.0
+        self.window_hardware_flops = 0.0
         self._reset()
 
     def _reset(self):
@@ -75,11 +76,14 @@ class MetricsWindow:
         self.positions = 0.0  # batch positions, and those holding a token: for padding_fraction
         self.filled = 0.0
         self.flops = 0.0  # model FLOPs (raydpo/flops.py), when the loop counts them: for mfu
+        self.hardware_flops = 0.0  # and the FLOPs the batches ran: for hfu
 
-    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple, flops: float = 0.0):
-        """counts: (tokens, filled positions, positions) of the batch (`batching.token_counts`)."""
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple, flops: tuple = (0.0, 0.0)):
+        """counts: (tokens, filled positions, positions) of the batch (`batching.token_counts`);
+        flops: (model, hardware) FLOPs of the batch (raydpo/flops.py)."""
         tokens, filled, positions = counts
-        self.flops += flops
+        self.flops += flops[0]
+        self.hardware_flops += flops[1]
         self.micro_batches += 1
         self.positions += positions
         self.filled += filled
@@ -103,7 +107,8 @@ class MetricsWindow:
 
     def reduce(self) -> dict:
         flat = [self.sums[n] for n in ("loss", *PAIR_METRICS)] + [self.pairs, self.micro_batches, self.tokens,
-                                                                  self.filled, self.positions, self.flops]
+                                                                  self.filled, self.positions, self.flops,
+                                                                  self.hardware_flops]
         names = self.ratio_names  # the same on every worker: they train the same model
         rows = torch.tensor(self.token_rows, dtype=torch.float64).reshape(-1, 2 * len(names))
         values = torch.cat([torch.tensor(flat, dtype=torch.float64), rows.flatten()])
@@ -111,7 +116,7 @@ class MetricsWindow:
             values = values.to(self.device)
             dist.all_reduce(values)
             values = values.cpu()
-        *sums, pairs, micro_batches, tokens, filled, positions, flops = values[:len(flat)].tolist()
+        *sums, pairs, micro_batches, tokens, filled, positions, flops, hardware_flops = values[:len(flat)].tolist()
         rows = values[len(flat):].reshape(-1, len(names), 2)
         self.total_tokens += tokens
         out = {"loss": sums[0] / max(micro_batches, 1)}
@@ -123,5 +128,6 @@ class MetricsWindow:
         out["num_tokens"] = self.total_tokens
         out["padding_fraction"] = 1.0 - filled / positions if positions else 0.0  # a raydpo extra
         self.window_flops = flops  # all workers' model FLOPs of this window (the loop's mfu)
+        self.window_hardware_flops = hardware_flops  # and hardware FLOPs (its hfu)
         self._reset()
         return out
