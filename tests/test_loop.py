@@ -333,3 +333,16 @@ def test_mfu_and_hfu_are_the_windows_flops_over_time_and_peak(monkeypatch):
         assert row["mfu"] == pytest.approx(expected, rel=1e-6)
         ran = flops.hardware_flops(config, collate(batch_rows, 0, run.config.max_length))  # padded: share_prompt off
         assert row["hfu"] == pytest.approx(ran / row["step_time"] / 1e9, rel=1e-6)
+
+
+def test_streamed_reference_without_a_pool_reads_the_cached_columns():
+    """stream_ref_log_probs with a cached precompute of the rows starts no ReferencePool (trainer.fit):
+    the workers' streamed reference then has no actors and reads the columns every batch carries."""
+    from raydpo.reference import StreamedReference
+    from raydpo.train.loop import build_reference
+
+    config = DPOConfig(output_dir="unused", report_to="none", stream_ref_log_probs=True)
+    spec = WorkerSpec(config=config.to_dict(), plan=training_plan(8, config), model="unused", ref_model=None,
+                      tokenizer=None, pad_token_id=0, reference_pool=None)
+    reference = build_reference(spec, config, {}, engine=None)
+    assert isinstance(reference, StreamedReference) and reference.num_actors == 0

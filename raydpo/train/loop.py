@@ -58,7 +58,9 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
     if config.precompute_ref_log_probs:  # the batch carries the columns the actor pool computed
         return PrecomputedReference()
     if config.stream_ref_log_probs:  # the pool computes the columns while training runs
-        return StreamedReference(ray.get(spec.reference_pool.actors.remote()), config.stream_ref_prefetch_batches)
+        # no pool: a cached precompute of these rows already put the columns in every batch
+        actors = ray.get(spec.reference_pool.actors.remote()) if spec.reference_pool is not None else []
+        return StreamedReference(actors, config.stream_ref_prefetch_batches)
     path = checkpoint.reference_path(spec.model, spec.ref_model, config, resume_dir)
     return model_reference(engine.module, spec.ref_model, path, config, ds_config, engine.device,
                            precision.compute_dtype(config))
