@@ -251,10 +251,12 @@ class DPOConfig:
                 "None: TRL 1.16's default (True) on GPU workers, False on CPU workers, where the recomputation "
                 "costs time and memory is rarely short. The numbers are the same either way."})
     bf16: Optional[bool] = field(default=None, metadata={
-        "help": "bfloat16 mixed precision (DeepSpeed's bf16: bf16 weights and activations, fp32 master "
-                "weights in the optimizer); every reference mode computes in bf16 too. None: True on GPU "
-                "workers that support it (TRL's default), False on CPU workers, unless the DeepSpeed config "
-                "sets bf16.enabled. A DeepSpeed config that says otherwise is an error."})
+        "help": "bfloat16 mixed precision as TRL runs it on one process: float32 weights, matmuls under torch "
+                "autocast (DeepSpeed's torch_autocast; gradients reduced in float32); every reference mode "
+                "computes the same way. A DeepSpeed config with bf16.enabled=true gets DeepSpeed's bf16 instead "
+                "(bf16 weights, fp32 master weights). None: True on GPU workers that support it (TRL's default), "
+                "False on CPU workers, unless the DeepSpeed config sets bf16.enabled. A DeepSpeed config that "
+                "says otherwise is an error."})
     fp16: bool = field(default=False, metadata={
         "help": "float16 mixed precision with DeepSpeed's dynamic loss scaler: a step whose gradients "
                 "overflow is skipped (and logged), not a stop. A DeepSpeed config that says otherwise is an error."})

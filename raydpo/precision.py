@@ -1,9 +1,12 @@
-"""Mixed precision, with TRL's field names (`bf16`, `fp16`, `tf32`) and DeepSpeed's semantics.
+"""Mixed precision, with TRL's field names (`bf16`, `fp16`, `tf32`).
 
-Under DeepSpeed, as under TRL with DeepSpeed, bf16/fp16 mean: the policy's weights and activations
-in that dtype, fp32 master weights in the optimizer (and, for fp16, DeepSpeed's dynamic loss scaler).
-Every reference mode computes in the same dtype (`to_compute_dtype`). Log-probs and losses are
-computed in float32 or wider whatever the model's dtype (logprobs.py).
+bf16 is TRL's single-process bf16: float32 weights, matmuls under torch autocast (DeepSpeed's
+`torch_autocast` section for the policy, `autocast` here for every other forward). DeepSpeed's own bf16
+(bf16 weights, float32 master weights in the optimizer, as TRL runs under DeepSpeed) is used only when
+the DeepSpeed dict asks for it ("bf16": {"enabled": true}): its bf16 copy of the weights hardly moves at
+small learning rates (docs/trainer.md, "Mixed precision"). fp16 is DeepSpeed's (fp16 weights and its
+dynamic loss scaler). Every reference mode computes as the policy does: weights in `weights_dtype`,
+under the same autocast. Log-probs and losses are computed in float32 or wider (logprobs.py).
 
 `resolve` makes `bf16=None` definite in each worker process, where the device is known: True on a
 GPU that supports it (TRL's default), False on CPU workers (TRL would use CPU autocast; raydpo's CPU
@@ -13,7 +16,9 @@ same way: TRL's True on GPU workers, False on CPU workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -38,17 +43,37 @@ def resolve(config: DPOConfig, on_gpu: bool) -> DPOConfig:
     return dataclasses.replace(config, bf16=bf16, gradient_checkpointing=checkpointing)
 
 
-def compute_dtype(config: DPOConfig) -> torch.dtype:
-    """The dtype a resolved config's models compute in."""
-    if config.bf16:
-        return torch.bfloat16
+def autocast_dtype(config: DPOConfig) -> Optional[torch.dtype]:
+    """bfloat16 when a resolved config computes under torch autocast (bf16, unless the DeepSpeed dict
+    asks for its bf16 weights), else None."""
+    return torch.bfloat16 if config.bf16 and config.deepspeed_enabled("bf16") is not True else None
+
+
+def weights_dtype(config: DPOConfig) -> torch.dtype:
+    """The dtype a resolved config's models hold their weights in."""
     if config.fp16:
         return torch.float16
+    if config.bf16 and autocast_dtype(config) is None:
+        return torch.bfloat16
     return torch.float32
 
 
+def compute_dtype(config: DPOConfig) -> torch.dtype:
+    """The dtype a resolved config's matmuls run in (the GPU peak that mfu is measured against)."""
+    return autocast_dtype(config) or weights_dtype(config)
+
+
+def autocast(config: DPOConfig, device) -> contextlib.AbstractContextManager:
+    """The forward passes' context: torch autocast to autocast_dtype on `device`'s type, or nothing.
+    (Around the policy's DeepSpeed engine it nests with the engine's own, to the same dtype.)"""
+    dtype = autocast_dtype(config)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen model (a reference) on `device`, its parameters in `dtype` (compute_dtype), cast as
+    """A frozen model (a reference) on `device`, its parameters in `dtype` (weights_dtype), cast as
     DeepSpeed casts the policy under bf16/fp16: parameters only. Buffers keep their dtype, so RoPE's
     float32 inv_freq stays float32 in both models and, before the first update, the reference computes
     bit for bit what the policy computes (a blanket `model.to(bf16)` rounds inv_freq too: on SmolLM2 that
@@ -63,12 +88,20 @@ def place(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module
 
 
 def fill_deepspeed(ds: dict, config: DPOConfig) -> None:
-    """DeepSpeed's bf16/fp16 sections from a resolved config; DPOConfig has checked that the user's
-    own "enabled" values agree (a contradiction is an error there, naming both)."""
-    for section, enabled in (("bf16", bool(config.bf16)), ("fp16", bool(config.fp16))):
+    """DeepSpeed's bf16/fp16 sections from a resolved config, and its torch_autocast section under
+    autocast; DPOConfig has checked that the user's own "enabled" values agree (a contradiction is an
+    error there, naming both). Under autocast the gradients are reduced in float32, as DDP reduces them
+    under TRL's autocast (DeepSpeed would otherwise send Linear layers' gradients in bf16)."""
+    autocasting = autocast_dtype(config) is not None
+    for section, enabled in (("bf16", bool(config.bf16) and not autocasting), ("fp16", bool(config.fp16))):
         part = ds.setdefault(section, {})
         if part.get("enabled", "auto") == "auto":
             part["enabled"] = enabled
+    if autocasting:
+        section = ds.setdefault("torch_autocast", {})
+        section.setdefault("enabled", True)
+        section.setdefault("dtype", "bfloat16")
+        section.setdefault("lower_precision_safe_modules", [])
 
 
 def set_tf32(config: DPOConfig) -> None:

@@ -27,14 +27,17 @@ def tensors(batch: Batch) -> dict:
     return {**found, **{f"images.{name}": value for name, value in batch.images.items()}}
 
 
-@pytest.mark.parametrize("bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_model, bf16, dtype):
-    """On the engine's device and in its compute dtype: under ZeRO 0-2 DeepSpeed casts only the policy."""
-    config = DPOConfig(output_dir="unused", report_to="none", bf16=bf16)
+@pytest.mark.parametrize("options, dtype", [({"bf16": False}, torch.float32), ({"bf16": True}, torch.float32),
+                                            ({"bf16": True, "deepspeed": {"bf16": {"enabled": True}}}, torch.bfloat16)])
+def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_model, options, dtype):
+    """On the engine's device, its weights in the policy's dtype (bf16: float32 under autocast, unless the
+    DeepSpeed dict asks for its bf16 weights): under ZeRO 0-2 DeepSpeed casts only the policy."""
+    config = DPOConfig(output_dir="unused", report_to="none", **options)
     engine = SimpleNamespace(device=ACCELERATOR, module=load_policy(tiny_model, config).to(ACCELERATOR))
     spec = WorkerSpec(config=config.to_dict(), plan=training_plan(8, config), model=tiny_model, ref_model=tiny_model,
                       tokenizer=None, pad_token_id=0)
     for ds_config in ({}, {"zero_optimization": {"stage": 2}}):  # ZeRO 0-2: placed by raydpo, not DeepSpeed
+        ds_config = {**(config.deepspeed or {}), **ds_config}
         reference = build_reference(spec, config, ds_config, engine)
         placed = {t.device for t in [*reference.model.parameters(), *reference.model.buffers()]}
         assert placed == {ACCELERATOR}, ds_config
@@ -46,7 +49,7 @@ def test_the_in_worker_reference_joins_the_policy_on_the_engine_device(tiny_mode
         assert reference.model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
-@pytest.mark.parametrize("options, dtype", [({}, torch.float32), ({"bf16": True}, torch.bfloat16),
+@pytest.mark.parametrize("options, dtype", [({}, torch.float32), ({"bf16": True}, torch.float32),
                                             ({"deepspeed": {"bf16": {"enabled": True}}}, torch.bfloat16)])
 def test_reference_actors_compute_in_the_workers_dtype(tiny_model, options, dtype):
     """The precompute and streamed actors (one class) resolve precision as a training worker does."""

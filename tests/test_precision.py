@@ -64,25 +64,44 @@ def test_tf32_on_a_cluster_without_gpus_is_refused(monkeypatch):
         cluster.resolve_use_gpu(config(tf32=True))
 
 
-@pytest.mark.parametrize("options, bf16, fp16, dtype", [
-    (dict(bf16=False), False, False, torch.float32),
-    (dict(bf16=True), True, False, torch.bfloat16),
-    (dict(bf16=False, fp16=True), False, True, torch.float16),
-    (dict(bf16=True, deepspeed={"bf16": {"enabled": "auto"}, "fp16": {"initial_scale_power": 12}}), True, False,
-     torch.bfloat16),
+@pytest.mark.parametrize("options, bf16, fp16, autocast, weights", [
+    (dict(bf16=False), False, False, None, torch.float32),
+    # TRL's single-process bf16: float32 weights under autocast, gradients reduced in float32
+    (dict(bf16=True), False, False, torch.bfloat16, torch.float32),
+    (dict(bf16=False, fp16=True), False, True, None, torch.float16),
+    (dict(bf16=True, deepspeed={"bf16": {"enabled": "auto"}, "fp16": {"initial_scale_power": 12}}), False, False,
+     torch.bfloat16, torch.float32),
+    # DeepSpeed's own bf16 when its dict asks for it: bf16 weights, float32 master weights
+    (dict(bf16=True, deepspeed={"bf16": {"enabled": True}}), True, False, None, torch.bfloat16),
 ])
-def test_deepspeed_sections_and_the_compute_dtype(options, bf16, fp16, dtype):
+def test_deepspeed_sections_and_the_dtypes(options, bf16, fp16, autocast, weights):
     resolved = precision.resolve(config(**options), on_gpu=False)
     ds = build_deepspeed_config(resolved, world_size=2)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
-    assert precision.compute_dtype(resolved) == dtype
-    reference = reference_deepspeed_config(ds)  # a ZeRO-3 reference computes in the policy's dtype
-    assert (reference["bf16"], reference["fp16"]) == (ds["bf16"], ds["fp16"])
-    if "deepspeed" in options:  # the user's other settings in a section stay
+    assert precision.autocast_dtype(resolved) == autocast and precision.weights_dtype(resolved) == weights
+    assert precision.compute_dtype(resolved) == (autocast or weights)
+    if autocast:
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    else:
+        assert "torch_autocast" not in ds
+    reference = reference_deepspeed_config(ds)  # a ZeRO-3 reference computes as the policy does
+    assert (reference["bf16"], reference["fp16"], reference.get("torch_autocast")) == \
+        (ds["bf16"], ds["fp16"], ds.get("torch_autocast"))
+    if "fp16" in options.get("deepspeed", {}):  # the user's other settings in a section stay
         assert ds["fp16"]["initial_scale_power"] == 12
 
 
-def test_place_casts_to_the_compute_dtype_and_leaves_a_chosen_dtype_under_float32():
+def test_autocast_runs_matmuls_in_bf16_only_under_autocast():
+    weights = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with precision.autocast(precision.resolve(config(bf16=True), on_gpu=False), "cpu"):
+        assert weights(x).dtype == torch.bfloat16
+    with precision.autocast(precision.resolve(config(bf16=True, deepspeed={"bf16": {"enabled": True}}),
+                                              on_gpu=False), "cpu"):
+        assert weights(x).dtype == torch.float32  # DeepSpeed's bf16 casts the weights instead
+
+
+def test_place_casts_to_the_weights_dtype_and_leaves_a_chosen_dtype_under_float32():
     model = torch.nn.Linear(2, 2)
     assert precision.place(model, "cpu", torch.bfloat16).weight.dtype == torch.bfloat16
     chosen = torch.nn.Linear(2, 2).to(torch.bfloat16)  # model_init_kwargs {"dtype": "bfloat16"}, fp32 training

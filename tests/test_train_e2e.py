@@ -86,10 +86,9 @@ def test_resume_matches_uninterrupted_run(ray_session, tiny_model, parity_rows, 
 
 
 def test_mixed_precision_bf16_and_fp16_on_cpu_workers(ray_session, tiny_model, parity_rows, tmp_path, capfd):
-    """bf16: the policy (DeepSpeed's cast) and the in-worker reference (raydpo's, under ZeRO-0) are cast
-    alike (parameters only; RoPE's float32 buffers stay), so at the first step, before any update, they
-    compute the same and the rewards are exactly 0 (a float32 reference beside the bf16 policy gave 3.6e-5
-    on this tiny model, and a reference whose buffers were cast too gave 1e-6). fp16: DeepSpeed's
+    """bf16 (TRL's: float32 weights under autocast): the policy (DeepSpeed's torch_autocast) and the
+    in-worker reference (raydpo's autocast) compute alike, so at the first step, before any update, the
+    rewards are exactly 0 (a float32 reference beside a bf16 policy gave 3.6e-5 on this tiny model). fp16: DeepSpeed's
     loss scaler starts too high (2**20), its first updates overflow and are skipped (and logged), and the
     run goes on to train."""
     runs = {}

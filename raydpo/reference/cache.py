@@ -26,7 +26,8 @@ from raydpo import storage
 from raydpo.config import DPOConfig
 from raydpo.data import cache as dataset_cache
 
-VERSION = 2  # bump when the log-prob computation changes (2: bf16/fp16 references keep float32 buffers)
+VERSION = 3  # bump when the log-prob computation changes (2: bf16/fp16 references keep float32 buffers;
+#              3: bf16 is float32 weights under autocast)
 
 
 def cache_key(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig) -> str:

@@ -38,7 +38,7 @@ class ReferenceLogps:
         # so that GPU is cuda:0 here.
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         model = load_model(model_path, self.config).eval().requires_grad_(False)
-        self.model = precision.place(model, self.device, precision.compute_dtype(self.config))
+        self.model = precision.place(model, self.device, precision.weights_dtype(self.config))
         self.config = fit_to_model(self.config, self.model)  # the layouts this model can run, as in the workers
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -63,7 +63,7 @@ class ReferenceLogps:
         batch = collate(rows, self.pad_token_id, self.config.max_length, self.config.truncation_mode,
                         self.config.share_prompt, ld_alpha=self.config.ld_alpha,
                         padding_free=self.config.padding_free).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast(self.config, self.device):  # as the workers compute
             chosen, rejected = model_completion_logps(self.model, batch).double().cpu().chunk(2)
         return chosen.tolist(), rejected.tolist()
 

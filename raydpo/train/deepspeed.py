@@ -67,6 +67,7 @@ def reference_deepspeed_config(train_config: dict) -> dict:
         "zero_optimization": {"stage": 3},
         "bf16": train_config["bf16"],
         "fp16": train_config["fp16"],
+        **({"torch_autocast": train_config["torch_autocast"]} if "torch_autocast" in train_config else {}),
         "steps_per_print": 10**9,
     }
 

@@ -33,7 +33,7 @@ def evaluate_policy(config: DPOConfig, model: str, ref_model: Optional[str], pef
         policy = load_policy(model, config, peft_config, reference_adapter)
     device = torch.device("cuda") if config.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     config = precision.resolve(config, on_gpu=device.type == "cuda")  # the training workers' compute dtype
-    dtype = precision.compute_dtype(config)
+    dtype = precision.weights_dtype(config)
     precision.place(policy, device, dtype)
     path = checkpoint.reference_path(model, ref_model, config, checkpoint_dir)
     reference = model_reference(policy, ref_model, path, config, {}, device, dtype)

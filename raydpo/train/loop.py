@@ -63,7 +63,7 @@ def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine
         return StreamedReference(actors, config.stream_ref_prefetch_batches)
     path = checkpoint.reference_path(spec.model, spec.ref_model, config, resume_dir)
     return model_reference(engine.module, spec.ref_model, path, config, ds_config, engine.device,
-                           precision.compute_dtype(config))
+                           precision.weights_dtype(config))
 
 
 class DPOWorker:
@@ -150,9 +150,10 @@ class DPOWorker:
         loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
         _require_finite("loss", float(loss.detach()), self.step + 1)  # unscaled: backward applies fp16's scale
         self.engine.backward(loss)
-        # fp32 without ZeRO: DeepSpeed clips but does not keep the norm, so measure it before the step.
-        # Its mixed-precision optimizers keep it (unscaled), as ZeRO does.
-        measure = boundary and zero_stage(self.ds_config) == 0 and not (self.config.bf16 or self.config.fp16)
+        # float32 weights (bf16's autocast included) without ZeRO: DeepSpeed clips but does not keep the
+        # norm, so measure it before the step. Its mixed-precision optimizers keep it (unscaled), as ZeRO does.
+        measure = (boundary and zero_stage(self.ds_config) == 0
+                   and precision.weights_dtype(self.config) == torch.float32)
         unclipped = grad_norm(self.engine.module) if measure else None
         skipped_before = self.engine.skipped_steps
         self.engine.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import Batch, collate, token_counts
 from raydpo.data.shard import Shard
@@ -31,8 +32,10 @@ def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig):
                          f"{'out' if batch.logp_weights is None else ''} LD-DPO weights: build it with make_batch")
     batch = batch.to(engine.device)  # collate builds it on the CPU
     aux_coef = config.router_aux_loss_coef or 0.0
-    policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
-    logps = pair_logps(policy, reference.logps(batch), batch.completion_mask, config.use_weighting)
+    with precision.autocast(config, engine.device):  # bf16: TRL's autocast, for the policy and the reference
+        policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
+        reference_logps = reference.logps(batch)
+    logps = pair_logps(policy, reference_logps, batch.completion_mask, config.use_weighting)
     loss = dpo_loss(logps, config)
     if policy.aux_loss is not None:
         loss = loss + aux_coef * policy.aux_loss
