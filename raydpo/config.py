@@ -420,6 +420,11 @@ class DPOConfig:
             if enabled is not None and ours is not None and enabled != ours:
                 raise ValueError(f"DPOConfig.{name}={ours} contradicts the DeepSpeed config's "
                                  f"{name}.enabled={enabled}: set one of them to agree (or \"auto\")")
+        # bf16 sets DeepSpeed's torch_autocast section itself (precision.fill_deepspeed) and runs every
+        # reference under the same autocast; a section of the user's own would leave the references out.
+        if ((self.deepspeed_dict() or {}).get("torch_autocast") or {}).get("enabled"):
+            raise ValueError("DPOConfig.deepspeed: set bf16=True instead of a torch_autocast section; raydpo fills "
+                             "that section itself and computes every reference under the same autocast")
 
     def _parse_json_fields(self):
         """Dict fields given as JSON text (a command-line flag), as transformers' TrainingArguments takes them;

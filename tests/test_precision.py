@@ -37,6 +37,7 @@ def test_bf16_none_resolves_per_device_and_follows_the_deepspeed_config(monkeypa
 @pytest.mark.parametrize("options, named", [
     (dict(bf16=True, fp16=True), "bf16 and DPOConfig.fp16 cannot both"),
     (dict(bf16=False, deepspeed={"bf16": {"enabled": True}}), "bf16=False contradicts .* bf16.enabled=True"),
+    (dict(deepspeed={"torch_autocast": {"enabled": True}}), "set bf16=True instead of a torch_autocast section"),
     (dict(fp16=False, deepspeed={"fp16": {"enabled": True}}), "fp16=False contradicts .* fp16.enabled=True"),
     (dict(fp16=True, deepspeed={"fp16": {"enabled": False}}), "fp16=True contradicts .* fp16.enabled=False"),
     (dict(tf32=True, use_gpu=False), "tf32=True needs GPU workers"),
