@@ -63,12 +63,32 @@ def on_this_node():
 
 
 def resolve_use_gpu(config):
-    """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any."""
+    """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any, or its autoscaler
+    can start nodes that have them."""
     if config.use_gpu is not None:
         return config
     import dataclasses
 
-    return dataclasses.replace(config, use_gpu=ray.cluster_resources().get("GPU", 0) > 0)
+    return dataclasses.replace(config, use_gpu=capacity().get("GPU", 0) > 0)
+
+
+def capacity() -> dict:
+    """The most of each resource this Ray cluster can hold: what its nodes have now or, where an
+    autoscaler (the cluster launcher's, KubeRay's) has published its node types, what they add up to at
+    their max_workers, whichever is more. Ray Train checks its worker group against the same limit
+    (ray._private.state.get_max_resources_from_cluster_config, None without an autoscaler)."""
+    from ray._private.state import state
+
+    now = ray.cluster_resources()
+    most = state.get_max_resources_from_cluster_config() or {}
+    return {name: max(float(now.get(name, 0.0)), float(most.get(name, 0))) for name in {*now, *most}}
+
+
+def sizes(config):
+    """`sizing.size` of `config` on this Ray cluster: its resources now and its capacity."""
+    from raydpo import sizing
+
+    return sizing.size(config, ray.cluster_resources(), capacity())
 
 
 def cpu_process_env() -> dict:

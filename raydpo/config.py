@@ -311,7 +311,8 @@ class DPOConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers."})
     use_gpu: Optional[bool] = field(default=None, metadata={
         "help": "One GPU per training worker (and a GPU share per reference actor). None: GPUs when the Ray "
-                "cluster has any (ray.cluster_resources() when the trainer connects), else CPUs."})
+                "cluster has any, or its autoscaler can start nodes that have them (when the trainer connects), "
+                "else CPUs."})
     resources_per_worker: Optional[Union[dict, str]] = field(default=None, metadata={
         "help": "Ray resources of one training worker, e.g. {\"CPU\": 0.5} (a dict, or JSON text). None sizes "
                 "it from the cluster: CPU workers share all but one of the cluster's CPUs, so Ray Data's tasks "

@@ -1,9 +1,12 @@
 """How much of the Ray cluster each training worker and each reference actor asks for, and the check that
-they fit. Pure functions of a DPOConfig and the cluster's resources as a dict (`ray.cluster_resources()`),
-so they are tested without Ray (tests/test_cluster_sizing.py).
+they fit. Pure functions of a DPOConfig and the cluster's resources as dicts (what it has now,
+`ray.cluster_resources()`, and what it can grow to, `cluster.capacity()`), so they are tested without Ray
+(tests/test_cluster_sizing.py).
 
 A request that can never be met does not fail in Ray: the run waits at "Requesting resources" forever.
-So `size` refuses, before anything starts, any configuration whose actors and workers cannot fit.
+So `size` refuses, before anything starts, any configuration whose actors and workers cannot fit in the
+cluster's capacity. With an autoscaler that is the most its node types can add up to, so a run that
+needs nodes not started yet is sized for them and waits for the autoscaler instead of being refused.
 
 GPUs are shared the way Ray shares them: a request below 1 GPU is a fraction of one GPU (Ray never
 splits it over two), and Ray gives it the GPU whose free share is the smallest that still fits it
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 # Ray counts resources in steps of 1e-4: shares are rounded down to a step, so that n shares of 1/n fit
 # in one GPU, and sums are compared with a step's tolerance.
@@ -29,18 +32,21 @@ class Sizing:
     actor: Dict[str, float]  # one reference actor's (precompute_ref_log_probs / stream_ref_log_probs)
 
 
-def size(config, cluster: dict) -> Sizing:
+def size(config, cluster: dict, capacity: Optional[dict] = None) -> Sizing:
     """The resources of one training worker and of one reference actor for `config` on a cluster with
-    `cluster` resources ({"CPU": 16.0, "GPU": 8.0, ...}). User-given resources_per_worker and
-    precompute_ref_resources are kept as given. Raises ValueError, naming the fields, when they cannot
-    all be placed.
+    `cluster` resources now ({"CPU": 16.0, "GPU": 8.0, ...}) and `capacity` at most (an autoscaler's
+    limit; default `cluster`). User-given resources_per_worker and precompute_ref_resources are kept as
+    given. Raises ValueError, naming the fields, when they cannot all be placed within `capacity`.
 
     CPU runs: workers share all but one of the cluster's CPUs (Ray Data's tasks need that one), less what
     streamed actors hold beside them. GPU runs: a worker takes a GPU; precompute actors, which run
     before training, share all the GPUs; streamed actors take the GPUs the workers leave, or else a
-    share of the workers' own GPUs (stream_ref_gpu_fraction), the workers then asking for the rest."""
-    result = _gpu_sizing(config, cluster) if config.use_gpu else _cpu_sizing(config, cluster)
-    _check_fits(config, cluster, result)
+    share of the workers' own GPUs (stream_ref_gpu_fraction), the workers then asking for the rest.
+    CPU shares come from the CPUs there are now; GPUs are planned over the capacity, whose nodes will
+    come with their GPUs."""
+    capacity = capacity or cluster
+    result = _gpu_sizing(config, capacity) if config.use_gpu else _cpu_sizing(config, cluster)
+    _check_fits(config, capacity, result)
     return result
 
 
@@ -146,7 +152,8 @@ def _check_group(cluster: dict, groups: List[_Group], when: str) -> None:
 def _gpus_fit(demands: List[float], gpus: float) -> bool:
     """Whether Ray can place these GPU requests, in this order, on `gpus` GPUs: a whole number takes that
     many free GPUs, a fraction goes on the GPU with the smallest free share that fits it (Ray's best fit)."""
-    free = [1.0] * int(math.floor(gpus + _STEP))
+    # never more GPUs than the demands could use: an autoscaler's unlimited node type reports sys.maxsize
+    free = [1.0] * min(int(math.floor(gpus + _STEP)), sum(math.ceil(demand) for demand in demands))
     for demand in demands:
         if demand >= 1:
             whole = [i for i, left in enumerate(free) if left >= 1 - _STEP][:int(demand)]
@@ -170,7 +177,7 @@ def _cpus_for_runs(cluster: dict) -> float:
     return total - 1.0 if total >= 2 else total / 2
 
 
-def _given(resources) -> dict:
+def _given(resources) -> Optional[dict]:
     return dict(resources) if resources else None
 
 

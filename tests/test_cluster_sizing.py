@@ -163,3 +163,56 @@ def test_cpu_workers_share_all_but_one_cpu(cpus, workers, worker_cpus):
 def test_too_many_cpu_workers_are_refused():
     with pytest.raises(ValueError, match=r"num_workers=30 x \{CPU: 0.1\} \(sized by raydpo"):
         sizing.size(config(use_gpu=False, num_workers=30), {"CPU": 2.0})
+
+
+# --- an autoscaling cluster: sized and checked against what it can grow to ---
+
+def test_a_run_waits_for_nodes_the_autoscaler_can_start():
+    """A cluster with one 4-GPU node now whose autoscaler can add an 8-GPU one: 8 workers are accepted
+    (Ray then asks the autoscaler for the node), and streamed actors are planned over its 12 GPUs. Without
+    that capacity the same request is refused. CPU shares still come from the CPUs there are now."""
+    now, grown = {"CPU": 56.0, "GPU": 4.0}, {"CPU": 152.0, "GPU": 12.0}
+    cfg = config(use_gpu=True, num_workers=8)
+    assert sizing.size(cfg, now, grown).worker == {"CPU": 1, "GPU": 1}
+    with pytest.raises(ValueError, match="cluster's 4 GPU"):
+        sizing.size(cfg, now)
+    streamed = config(use_gpu=True, num_workers=8, stream_ref_log_probs=True, precompute_ref_num_actors=4)
+    assert sizing.size(streamed, now, grown).actor == {"GPU": 1.0}  # 4 spare GPUs once the node is up
+    with pytest.raises(ValueError, match="cluster's 12 GPU"):
+        sizing.size(config(use_gpu=True, num_workers=13), now, grown)
+    cpu = config(num_workers=2)
+    assert sizing.size(cpu, {"CPU": 4.0}, {"CPU": 1e6}).worker == {"CPU": 1.5}  # (4 - 1) / 2, not a share of 1e6
+
+
+def test_an_unlimited_node_type_is_no_limit():
+    """An autoscaler node type without max_workers reports sys.maxsize of each resource: the check still runs, in
+    proportion to the request."""
+    import sys
+
+    cfg = config(use_gpu=True, num_workers=64, stream_ref_log_probs=True, precompute_ref_num_actors=8)
+    result = sizing.size(cfg, {"CPU": 8.0}, {"CPU": float(sys.maxsize), "GPU": float(sys.maxsize)})
+    assert result.worker == {"CPU": 1, "GPU": 1} and result.actor == {"GPU": 1.0}
+
+
+def test_capacity_reads_the_autoscaler_node_types(monkeypatch):
+    """cluster.capacity: the cluster's resources now, raised to what the autoscaler's published node types
+    add up to (Ray's own computation of that limit, from the ClusterConfig an autoscaler writes to the GCS)."""
+    import ray
+    import ray._private.state
+    from ray.core.generated import autoscaler_pb2
+
+    from raydpo import cluster
+
+    published = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in (("head", {"CPU": 8}, 1), ("a10g", {"CPU": 48, "GPU": 4}, 2),
+                                  ("a100", {"CPU": 96, "GPU": 8}, 1)):
+        group = published.node_group_configs.add(name=name, max_count=most)
+        group.resources.update(resources)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 56.0, "GPU": 4.0, "memory": 1e11})
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: published)
+    assert cluster.capacity() == {"CPU": 200.0, "GPU": 16.0, "memory": 1e11}
+    assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is True
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: None)  # no autoscaler
+    assert cluster.capacity() == {"CPU": 56.0, "GPU": 4.0, "memory": 1e11}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is False

@@ -15,7 +15,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from raydpo import cluster, precision, sizing
+from raydpo import cluster, precision
 from raydpo.config import DPOConfig
 from raydpo.data.batching import collate
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely
@@ -139,7 +139,7 @@ def actor_threads(args: dict) -> Optional[int]:
 
 
 def _score(dataset: "ray.data.Dataset", model_path: str, config: DPOConfig, pad_token_id: int):
-    args = remote_args(sizing.size(config, ray.cluster_resources()).actor, config.use_gpu)
+    args = remote_args(cluster.sizes(config).actor, config.use_gpu)
     context = ray.data.DataContext.get_current()
     preserve = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # row i keeps its index: the shards stay the same

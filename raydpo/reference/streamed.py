@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, List, Optional
 
 import ray
 
-from raydpo import cluster, sizing
+from raydpo import cluster
 from raydpo.config import DPOConfig
 from raydpo.data.shard import Shard
 from raydpo.reference.precompute import ReferenceLogps, actor_threads, has_reference_logps, remote_args
@@ -28,7 +28,7 @@ def start_reference_pool(model_path: str, config: DPOConfig, pad_token_id: int, 
     """precompute_ref_num_actors actors, each holding the frozen reference, with the Ray options `args`
     (precompute.remote_args; None: sized from the cluster)."""
     if args is None:
-        args = remote_args(sizing.size(config, ray.cluster_resources()).actor, config.use_gpu)
+        args = remote_args(cluster.sizes(config).actor, config.use_gpu)
     actor = ray.remote(ReferenceLogps).options(**args)
     return [actor.remote(model_path, dataclasses.asdict(config), pad_token_id, actor_threads(args))
             for _ in range(config.precompute_ref_num_actors)]

@@ -14,7 +14,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydpo import cluster, hub, sizing, storage
+from raydpo import cluster, hub, storage
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
@@ -99,7 +99,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     fit_start = time.time()
     config = cluster.resolve_use_gpu(config)
     # Before any actor or worker starts: a request the cluster cannot hold would wait forever; refused here.
-    resources = sizing.size(config, ray.cluster_resources())
+    resources = cluster.sizes(config)
     if isinstance(config.deepspeed, str):  # a JSON path exists on the driver only: the workers get its contents
         config = dataclasses.replace(config, deepspeed=config.deepspeed_dict())
     plan = training_plan(train_data.num_rows, config, eval_data.num_rows if eval_data is not None else 0)

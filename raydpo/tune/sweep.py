@@ -20,7 +20,7 @@ from typing import Any, Optional
 import ray
 from ray import tune
 
-from raydpo import sizing, storage
+from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.train.trackers import check_trackers_storage, report_targets, sweep_trial_targets, tune_callbacks
@@ -86,9 +86,9 @@ def _scheduler(name: Optional[str], metric: str, mode: str, space: dict):
 def _concurrency(base: DPOConfig, requested: Optional[int]) -> int:
     if requested:
         return requested
+    if base.use_gpu:  # over the GPUs an autoscaler can add too
+        return max(1, int(cluster.capacity().get("GPU", 0) // base.num_workers))
     resources = ray.cluster_resources()
-    if base.use_gpu:
-        return max(1, int(resources.get("GPU", 0) // base.num_workers))
     # On CPUs, one trial per worker's worth of cores: a trial's start-up (process spawn, imports, engine)
     # barely uses them, so two trials on 2 cores beat one at a time (bench/sweep_vs_trl.py: 1.19x vs 1.08x).
     return max(1, int(resources.get("CPU", 1) // base.num_workers))
@@ -168,7 +168,7 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     base_values = base.to_dict()
     if base.resources_per_worker is None and not base.use_gpu:
         # Concurrent trials share the CPUs that one run would otherwise take alone (streamed: its pool's too).
-        alone = sizing.size(base, ray.cluster_resources())
+        alone = cluster.sizes(base)
         base_values["resources_per_worker"] = {"CPU": round(max(0.1, alone.worker["CPU"] / concurrency), 2)}
         if base.torch_threads_per_worker is None:  # concurrent trials' workers share the cores, not each all of them
             base_values["torch_threads_per_worker"] = max(1, (os.cpu_count() or 1) // (concurrency * base.num_workers))
