@@ -56,3 +56,56 @@ def test_deepspeed_imports_without_mlflow_or_the_shared_memory_op_and_mlflow_sti
     import mlflow  # hidden for deepspeed's import only
 
     assert mlflow.__version__
+
+
+# --- Ray Train's controller starts without torch (raydpo/train/backend.py) ---
+
+def _unpickling_imports_torch(config) -> bool:
+    """What a new Ray Train controller process does first with the run's backend config: unpickle it."""
+    import pickle
+    import subprocess
+
+    code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(config), capture_output=True, check=True)
+    return out.stdout.strip() == b"True"
+
+
+def test_the_backend_config_reaches_the_controller_without_torch():
+    """raydpo's config unpickles without importing torch; Ray's own TorchConfig imports it (so the check
+    can tell), and both carry the same settings."""
+    from ray.train.torch.config import TorchConfig
+
+    from raydpo.train.backend import TorchBackendConfig
+
+    ours = TorchBackendConfig(backend="gloo", timeout_s=60)
+    assert not _unpickling_imports_torch(ours)
+    assert _unpickling_imports_torch(TorchConfig(backend="gloo"))
+    assert ours.torch_config() == TorchConfig(backend="gloo", timeout_s=60)
+    assert ours.to_dict() == TorchConfig(backend="gloo", timeout_s=60).to_dict()
+    assert ours.framework == TorchConfig().framework
+    assert ours.train_func_context is TorchConfig().train_func_context
+
+
+def test_the_deferred_backend_hands_every_call_to_rays(monkeypatch):
+    """Every method Ray's _TorchBackend defines is handed on, with Ray's TorchConfig of the same settings
+    (a method Ray adds later fails this test rather than silently running the base class's no-op)."""
+    from ray.train.backend import Backend
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    from raydpo.train.backend import TorchBackendConfig, _DeferredTorchBackend
+
+    public = {name for name in vars(_TorchBackend) if callable(vars(_TorchBackend)[name]) and not name.startswith("_")}
+    assert public == {"on_start", "on_training_start", "on_shutdown"}
+    assert public <= set(vars(_DeferredTorchBackend))
+    assert _DeferredTorchBackend.share_cuda_visible_devices == _TorchBackend.share_cuda_visible_devices
+    assert _DeferredTorchBackend.has_replica_groups == _TorchBackend.has_replica_groups
+    assert issubclass(_DeferredTorchBackend, Backend)
+
+    calls = []
+    for name in public:
+        monkeypatch.setattr(_TorchBackend, name, lambda self, group, config, name=name: calls.append((name, group, config)))
+    config = TorchBackendConfig(backend="gloo")
+    backend = config.backend_cls()
+    for name in sorted(public):
+        getattr(backend, name)("group", config)
+    assert calls == [(name, "group", TorchConfig(backend="gloo")) for name in sorted(public)]

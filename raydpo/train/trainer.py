@@ -19,6 +19,7 @@ from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
 from raydpo.data.shards import ContiguousShards
+from raydpo.train.backend import TorchBackendConfig
 from raydpo.train.callbacks import CallbackHandler
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
@@ -127,6 +128,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         report_targets(config.report_to), storage.join(storage_path, run_name), run_name, tracked_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=TorchBackendConfig(),  # TorchConfig's settings, without torch in the controller's start
         train_loop_config={"spec": WorkerSpec(
             config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
             pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
