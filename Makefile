@@ -31,7 +31,7 @@ demo: install
 # (docs/clusters.md, "Many runs in one session").
 PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py \
 	tests/test_docs.py tests/test_flops.py \
-	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py \
+	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py tests/test_trackers.py \
 	tests/test_training_arguments.py
 RAY_TESTS := $(filter-out $(PURE_TESTS),$(wildcard tests/test_*.py))
 

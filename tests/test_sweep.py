@@ -25,6 +25,7 @@ def test_search_space_from_yaml_form():
 
 def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when asked
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=4, logging_steps=1, save_steps=2,
                      per_device_train_batch_size=8, learning_rate=1e-3, max_length=32, eval_strategy="steps",
                      eval_steps=2, report_to=["tensorboard", "mlflow"])
@@ -51,6 +52,11 @@ def test_sweep_runs_trials_and_reports(ray_session, tiny_model, parity_rows, tmp
     runs = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
     assert len(runs) == 4 and {float(r.data.params["beta"]) for r in runs} == {0.1, 0.5}
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs)
+    # Tune's callback pointed this process's MLflow at the sweep's store; the sweep gave it back, so the
+    # session's next run logs beside its own runs, not into this store (trackers.driver_mlflow_kept)
+    import mlflow
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "grid" not in mlflow.get_tracking_uri()
 
     from transformers import AutoModelForCausalLM
 

@@ -15,8 +15,10 @@ Metrics are named as transformers' integrations name them (its `rewrite_logs`): 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from typing import List
 
@@ -25,7 +27,7 @@ from raydpo import storage
 TARGETS = ("tensorboard", "mlflow", "wandb")
 # The driver's settings for the trackers, handed to the actor that logs (which may run elsewhere).
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-               "MLFLOW_TRACKING_PASSWORD", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_API_KEY",
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_ALLOW_FILE_STORE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_API_KEY",
                "WANDB_DIR", "WANDB_BASE_URL")
 
 
@@ -146,6 +148,26 @@ def tune_callbacks(targets: List[str], results_dir: str) -> list:
         callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raydpo"),
                                              dir=os.environ.get("WANDB_DIR", results_dir)))
     return callbacks
+
+
+@contextlib.contextmanager
+def driver_mlflow_kept():
+    """Give this process its MLflow settings back after a sweep. Tune's MLflow callback runs in the
+    driver and points MLflow there at the sweep's store, and mlflow.set_tracking_uri also writes
+    MLFLOW_TRACKING_URI into os.environ (for subprocesses, MLflow says): left so, every later run of the
+    session (a notebook, a script looping over sweeps) would hand that URI to its logging actor
+    (tracker_env) and log into the finished sweep's store, not beside its own runs."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")}
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:  # MLflow's own process-wide URI; this also sets or unsets the variable
+            sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sweep_trial_targets(targets: List[str]) -> List[str]:

@@ -23,7 +23,8 @@ from ray import tune
 from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
-from raydpo.train.trackers import check_trackers_storage, report_targets, sweep_trial_targets, tune_callbacks
+from raydpo.train.trackers import (check_trackers_storage, driver_mlflow_kept, report_targets, sweep_trial_targets,
+                                   tune_callbacks)
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -200,7 +201,8 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     try:
-        grid = tuner.fit()
+        with driver_mlflow_kept():  # Tune's MLflow callback repoints this process's MLflow
+            grid = tuner.fit()
     finally:
         if strict is None:
             os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING")
