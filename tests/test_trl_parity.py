@@ -52,7 +52,7 @@ def reference_model(tiny_model, parity_rows, tmp_path_factory):
 
 
 def trl_first_step(model_path, ref_path, rows, options, output_dir) -> dict:
-    options = {k: v for k, v in options.items() if k != "share_prompt"}  # raydpo's alone
+    options = {"bf16": False, **{k: v for k, v in options.items() if k != "share_prompt"}}  # share_prompt: raydpo's alone
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLConfig
@@ -60,7 +60,7 @@ def trl_first_step(model_path, ref_path, rows, options, output_dir) -> dict:
 
     args = TRLConfig(output_dir=output_dir, per_device_train_batch_size=len(rows), max_steps=1, logging_steps=1,
                      learning_rate=1e-3, max_length=32, report_to="none", save_strategy="no", use_cpu=True,
-                     bf16=False, seed=0, disable_tqdm=True, **options)
+                     seed=0, disable_tqdm=True, **options)
     trainer = TRLTrainer(model=AutoModelForCausalLM.from_pretrained(model_path),
                          ref_model=AutoModelForCausalLM.from_pretrained(ref_path), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_path))
@@ -94,6 +94,87 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
         for name in COMPARED:
             assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), (name, padding_free)
     assert theirs["rewards/margins"] != 0.0  # a real comparison: policy and reference differ
+
+
+# --- bf16: TRL's single-process autocast (issue 14) ---
+
+# raydpo's bf16 against TRL's on the same step. Under autocast a matmul's bf16 rounding depends on the shapes
+# it runs: the shared-prompt and two-sequence layouts give every output element TRL's own dot products, so
+# their forward agrees as closely as fp32 does; the padding-free row runs attention over other spans (0.24%
+# on rewards/chosen here). The backward sums gradients in another order in every layout (grad_norm 1e-4).
+BF16_LAYOUTS = {"shared_prompt": ({}, 1e-5), "two_sequences": ({"share_prompt": False}, 1e-5),
+                "padding_free": ({"padding_free": True}, 5e-3)}
+BF16_FORWARD = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "logits/chosen", "logits/rejected", "entropy"]
+
+
+@pytest.mark.parametrize("layout", sorted(BF16_LAYOUTS))
+def test_first_step_matches_trl_in_bf16(tiny_model, reference_model, parity_rows, tmp_path, layout):
+    """bf16=True on both sides: TRL's CPU autocast over float32 weights (one process), raydpo's step under
+    precision.autocast, in each of raydpo's batch layouts."""
+    options, tolerance = BF16_LAYOUTS[layout]
+    torch.manual_seed(0)
+    rows = parity_rows[:4]
+    theirs = trl_first_step(tiny_model, reference_model, rows, {"loss_type": "sigmoid", "bf16": True}, str(tmp_path))
+    ours = raydpo_first_step(tiny_model, reference_model, rows, {**options, "bf16": True})
+    fp32 = raydpo_first_step(tiny_model, reference_model, rows, {**options, "bf16": False})
+    for name in BF16_FORWARD:
+        assert ours[name] == pytest.approx(theirs[name], rel=tolerance, abs=1e-7), name
+    assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)
+    assert ours["num_tokens"] == theirs["num_tokens"]
+    # bf16 really ran: raydpo's own fp32 step is farther from its bf16 one than 100x the shared layouts' tolerance
+    assert fp32["rewards/chosen"] != pytest.approx(ours["rewards/chosen"], rel=1e-3)
+
+
+BF16_STEPS = dict(learning_rate=1e-3, max_steps=3, logging_steps=1, max_length=32, seed=0, bf16=True)
+
+
+def test_bf16_steps_match_trl(ray_session, tiny_model, reference_model, parity_rows, tmp_path):
+    """Three bf16 optimizer steps through Ray (one worker, DeepSpeed's torch_autocast around the policy,
+    the in-worker reference under the same autocast) against TRL's single-process bf16 on the same global
+    batch. Step 1 agrees as the in-process step does (its forward to 1e-5, where TRL's own fp32 run is
+    5e-3 away on rewards/chosen). After it, bf16's rounding of the activations amplifies the 1e-4 by which
+    the summed gradients differ: measured here, the later steps stay within 1.4e-4 (loss), 3.8e-4
+    (grad_norm), 8.5e-4 (logps/chosen) and 2.1e-4 (margins, absolute), about as far as TRL's own bf16
+    and fp32 runs drift apart; the tolerances leave room for another CPU's bf16 kernels."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+
+    from raydpo import DPOTrainer
+
+    rows = parity_rows[:4]
+
+    def trl(bf16):
+        args = TRLConfig(output_dir=str(tmp_path / f"trl-{bf16}"), per_device_train_batch_size=4, report_to="none",
+                         save_strategy="no", use_cpu=True, disable_tqdm=True, **{**BF16_STEPS, "bf16": bf16})
+        trainer = TRLTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                             ref_model=AutoModelForCausalLM.from_pretrained(reference_model), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(tiny_model))
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    theirs, their_fp32 = trl(True), trl(False)
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=1, per_device_train_batch_size=4,
+                       save_strategy="no", report_to="none", **BF16_STEPS)
+    out = DPOTrainer(tiny_model, ref_model=reference_model, args=config, train_dataset=rows).train()
+    ours = [h for h in out.history if "loss" in h]
+    print({"trl": theirs, "trl_fp32": their_fp32, "raydpo": ours})
+
+    assert [h["global_step"] for h in ours] == [h["step"] for h in theirs] == [1, 2, 3]
+    first, trl_first = ours[0], theirs[0]
+    for name in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert first[name] == pytest.approx(trl_first[name], rel=1e-5), name
+    assert first["grad_norm"] == pytest.approx(trl_first["grad_norm"], rel=1e-3)
+    assert their_fp32[0]["rewards/chosen"] != pytest.approx(trl_first["rewards/chosen"], rel=1e-3)  # bf16 ran
+    for step, (mine, trl_step) in enumerate(zip(ours[1:], theirs[1:]), start=2):
+        assert mine["learning_rate"] == pytest.approx(trl_step["learning_rate"], rel=1e-6), step
+        assert mine["loss"] == pytest.approx(trl_step["loss"], rel=1e-3), step
+        assert mine["grad_norm"] == pytest.approx(trl_step["grad_norm"], rel=5e-3), step
+        assert mine["logps/chosen"] == pytest.approx(trl_step["logps/chosen"], rel=5e-3), step
+        assert mine["rewards/margins"] == pytest.approx(trl_step["rewards/margins"], abs=2e-3), step
+    assert theirs[2]["loss"] < theirs[0]["loss"] - 0.05  # the steps trained: a skipped one would show
 
 
 # --- several optimizer steps through Ray: TrainingArguments semantics (issue 16) ---
