@@ -102,10 +102,32 @@ def test_the_deferred_backend_hands_every_call_to_rays(monkeypatch):
     assert issubclass(_DeferredTorchBackend, Backend)
 
     calls = []
+
+    class Group:  # Ray Train's worker group, as far as on_start uses it before handing it on
+        def execute_async(self, fn):
+            calls.append(("execute_async", fn.__name__))
+            return ["ref"]
+
+    group = Group()
     for name in public:
         monkeypatch.setattr(_TorchBackend, name, lambda self, group, config, name=name: calls.append((name, group, config)))
+    monkeypatch.setattr("raydpo.train.backend.ray.get", lambda refs: calls.append(("get", refs)))
     config = TorchBackendConfig(backend="gloo")
     backend = config.backend_cls()
     for name in sorted(public):
-        getattr(backend, name)("group", config)
-    assert calls == [(name, "group", TorchConfig(backend="gloo")) for name in sorted(public)]
+        getattr(backend, name)(group, config)
+    ray_config = TorchConfig(backend="gloo")
+    # on_start: the workers start importing, Ray's setup runs, and the imports' outcome is collected
+    assert calls == [("on_shutdown", group, ray_config),
+                     ("execute_async", "_import_worker_modules"), ("on_start", group, ray_config), ("get", ["ref"]),
+                     ("on_training_start", group, ray_config)]
+
+
+def test_the_workers_import_what_they_need_next():
+    """_import_worker_modules, run in a fresh process: torch.distributed and the training loop, no more."""
+    import subprocess
+
+    code = ("import sys; from raydpo.train.backend import _import_worker_modules; _import_worker_modules(); "
+            "print(all(m in sys.modules for m in ('torch.distributed', 'ray.train.torch.config', 'raydpo.train.loop')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert out.stdout.strip().endswith(b"True")

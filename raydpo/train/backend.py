@@ -5,8 +5,9 @@ backend config. Ray's `TorchConfig` lives in a module that imports torch: 1.3 s 
 2-core machine, 3-5 s on a busy one, all of it before the controller asks for a single worker
 (bench/startup.py, "worker group"). `TorchBackendConfig` carries the same three settings from a module
 without torch. Its backend imports Ray's own `_TorchBackend` when the controller first calls it, once
-the worker processes are already starting, and hands every call to it: the process group is set up,
-started and shut down exactly as `TorchTrainer`'s default does it.
+the worker processes are already up, and hands every call to it: the process group is set up, started
+and shut down exactly as `TorchTrainer`'s default does it. Meanwhile the workers import torch and the
+training loop's modules, which they would otherwise import only after that setup.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import ray
 from ray.train.backend import Backend, BackendConfig
 
 
@@ -62,10 +64,23 @@ class _DeferredTorchBackend(Backend):
         return _TorchBackend()
 
     def on_start(self, worker_group, backend_config: TorchBackendConfig):
+        # The workers, idle until now, import what they are about to need while this process imports
+        # torch for Ray's backend: the two imports overlap instead of running one after the other. An
+        # actor runs its tasks in order, so Ray's setup calls below run on the workers after these.
+        imported = worker_group.execute_async(_import_worker_modules)
         self._torch_backend().on_start(worker_group, backend_config.torch_config())
+        ray.get(imported)  # done by now; raises the import's own error, if any
 
     def on_training_start(self, worker_group, backend_config: TorchBackendConfig):
         self._torch_backend().on_training_start(worker_group, backend_config.torch_config())
 
     def on_shutdown(self, worker_group, backend_config: TorchBackendConfig):
         self._torch_backend().on_shutdown(worker_group, backend_config.torch_config())
+
+
+def _import_worker_modules():
+    """On each worker: the modules of Ray's process-group setup (torch, torch.distributed) and of the
+    training loop, which the worker would import next anyway."""
+    import ray.train.torch.config  # noqa: F401
+
+    import raydpo.train.loop  # noqa: F401
