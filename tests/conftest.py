@@ -48,6 +48,21 @@ def no_leftovers(request):
         assert not left["placement_groups"] and not left["cpus_in_use"], f"{request.node.nodeid} left {left}"
 
 
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    """A Ray cluster's view without Ray, for the pure tests: `fake_cluster(resources, autoscaler=None)`
+    makes ray.cluster_resources() return `resources` and the autoscaler's published ClusterConfig
+    (what raydpo.cluster.capacity reads) be `autoscaler`, None for a cluster without one."""
+    import ray
+    import ray._private.state
+
+    def set_cluster(resources: dict, autoscaler=None):
+        monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
+        monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: autoscaler)
+
+    return set_cluster
+
+
 @pytest.fixture(scope="session")
 def parity_rows():
     from raydpo.tasks import parity_pairs

@@ -194,11 +194,9 @@ def test_an_unlimited_node_type_is_no_limit():
     assert result.worker == {"CPU": 1, "GPU": 1} and result.actor == {"GPU": 1.0}
 
 
-def test_capacity_reads_the_autoscaler_node_types(monkeypatch):
+def test_capacity_reads_the_autoscaler_node_types(fake_cluster):
     """cluster.capacity: the cluster's resources now, raised to what the autoscaler's published node types
     add up to (Ray's own computation of that limit, from the ClusterConfig an autoscaler writes to the GCS)."""
-    import ray
-    import ray._private.state
     from ray.core.generated import autoscaler_pb2
 
     from raydpo import cluster
@@ -208,11 +206,12 @@ def test_capacity_reads_the_autoscaler_node_types(monkeypatch):
                                   ("a100", {"CPU": 96, "GPU": 8}, 1)):
         group = published.node_group_configs.add(name=name, max_count=most)
         group.resources.update(resources)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 56.0, "GPU": 4.0, "memory": 1e11})
-    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: published)
+    fake_cluster({"CPU": 56.0, "GPU": 4.0, "memory": 1e11}, published)
     assert cluster.capacity() == {"CPU": 200.0, "GPU": 16.0, "memory": 1e11}
     assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is True
-    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: None)  # no autoscaler
+    fake_cluster({"CPU": 56.0, "GPU": 4.0, "memory": 1e11})  # no autoscaler
     assert cluster.capacity() == {"CPU": 56.0, "GPU": 4.0, "memory": 1e11}
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    fake_cluster({"CPU": 2.0}, published)  # CPUs only now: the autoscaler's GPU node types still count
+    assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is True
+    fake_cluster({"CPU": 2.0})
     assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is False

@@ -93,14 +93,12 @@ def test_every_batch_tensor_moves_to_the_engine_device(tiny_model, parity_rows, 
     assert {name for name, value in moved.items() if value.device != ACCELERATOR} == set()
 
 
-def test_use_gpu_none_means_gpus_when_the_cluster_has_them(monkeypatch):
-    import ray
-
+def test_use_gpu_none_means_gpus_when_the_cluster_has_them(fake_cluster):
     from raydpo import cluster
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
+    fake_cluster({"CPU": 16.0, "GPU": 8.0})
     assert DPOConfig(output_dir="o").use_gpu is None
     assert cluster.resolve_use_gpu(DPOConfig(output_dir="o")).use_gpu is True
     assert cluster.resolve_use_gpu(DPOConfig(output_dir="o", use_gpu=False)).use_gpu is False  # asked: kept
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    fake_cluster({"CPU": 2.0})
     assert cluster.resolve_use_gpu(DPOConfig(output_dir="o")).use_gpu is False

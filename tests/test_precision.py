@@ -55,12 +55,10 @@ def test_a_deepspeed_file_is_checked_too(tmp_path):
     assert config(bf16=True, deepspeed=str(path)).bf16 is True
 
 
-def test_tf32_on_a_cluster_without_gpus_is_refused(monkeypatch):
-    import ray
-
+def test_tf32_on_a_cluster_without_gpus_is_refused(fake_cluster):
     from raydpo import cluster
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    fake_cluster({"CPU": 2.0})
     with pytest.raises(ValueError, match="tf32=True needs GPU workers"):
         cluster.resolve_use_gpu(config(tf32=True))
 
