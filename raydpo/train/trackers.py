@@ -27,8 +27,8 @@ from raydpo import storage
 TARGETS = ("tensorboard", "mlflow", "wandb")
 # The driver's settings for the trackers, handed to the actor that logs (which may run elsewhere).
 TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_ALLOW_FILE_STORE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_API_KEY",
-               "WANDB_DIR", "WANDB_BASE_URL")
+               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_ALLOW_FILE_STORE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE",
+               "WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL")
 
 
 def report_targets(report_to) -> List[str]:
@@ -157,12 +157,22 @@ def driver_mlflow_kept():
     MLFLOW_TRACKING_URI into os.environ (for subprocesses, MLflow says): left so, every later run of the
     session (a notebook, a script looping over sweeps) would hand that URI to its logging actor
     (tracker_env) and log into the finished sweep's store, not beside its own runs."""
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")}
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    with environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        try:
+            yield
+        finally:
+            if "mlflow" in sys.modules:  # MLflow's own process-wide URI (this also sets or unsets the variable)
+                sys.modules["mlflow"].set_tracking_uri(uri)
+
+
+@contextlib.contextmanager
+def environment_kept(*names: str):
+    """This process's environment variables `names` as they were, whatever the block sets or removes."""
+    saved = {name: os.environ.get(name) for name in names}
     try:
         yield
     finally:
-        if "mlflow" in sys.modules:  # MLflow's own process-wide URI; this also sets or unsets the variable
-            sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -23,8 +23,8 @@ from ray import tune
 from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
-from raydpo.train.trackers import (check_trackers_storage, driver_mlflow_kept, report_targets, sweep_trial_targets,
-                                   tune_callbacks)
+from raydpo.train.trackers import (check_trackers_storage, driver_mlflow_kept, environment_kept, report_targets,
+                                   sweep_trial_targets, tune_callbacks)
 from raydpo.tune.report import TRIALS_FILE, write_report
 
 SEARCH_FUNCTIONS = {
@@ -198,16 +198,9 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     )
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
-    strict = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    try:
-        with driver_mlflow_kept():  # Tune's MLflow callback repoints this process's MLflow
-            grid = tuner.fit()
-    finally:
-        if strict is None:
-            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING")
-        else:
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = strict
+    with environment_kept("TUNE_DISABLE_STRICT_METRIC_CHECKING"), driver_mlflow_kept():
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        grid = tuner.fit()  # (Tune's MLflow callback repoints this process's MLflow: given back after)
     records = [_trial_record(result, space, results_dir) for result in grid]
     if all(r["error"] for r in records):
         raise RuntimeError(f"every trial failed; first error: {records[0]['error']}")
