@@ -221,7 +221,8 @@ class DPOConfig:
                 "take any attention kernel (transformers builds its mask from the position ids; "
                 "FlashAttention runs them as variable-length sequences); a shared prompt needs a dense "
                 "[1, 1, S, S] mask, so with flash_attention_2/3 or flex_attention share_prompt is turned "
-                "off, with a logged reason. Refused for vision rows."})
+                "off, with a logged reason. Under sdpa, raydpo's attention runs each sequence (or pair) "
+                "alone rather than the whole row under that mask. Refused for vision rows."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={

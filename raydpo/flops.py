@@ -82,6 +82,8 @@ def attention_spans(batch: Batch, kernel: Optional[str]) -> List[int]:
     over in this batch, one per block it computes."""
     rows, width = batch.input_ids.shape
     mask = batch.attention_mask
+    if batch.segments is not None and kernel in (None, "sdpa"):  # raydpo's sdpa: each segment alone (segment_attention.py)
+        return [end - start for start, end, _ in batch.segments]
     per_sequence = kernel is not None and ("flash" in kernel or "flex" in kernel)
     if per_sequence and mask is not None and mask.dim() == 2:  # padded: each row's tokens, unpadded
         return mask.sum(1).tolist()

@@ -21,6 +21,7 @@ import torch
 from raydpo.data.batching import Batch
 from raydpo.loss_weights import wpo_weights
 from raydpo.losses import PairLogps
+from raydpo.segment_attention import segment_kwargs
 
 # Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
 CHUNK_ELEMENTS = 2 ** 24
@@ -218,8 +219,10 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
         if router_logits:
             raise ValueError("an MoE load-balancing loss needs the padded two-sequence layout "
                              "(share_prompt=False, padding_free=False)")
+        segments = segment_kwargs(_unwrapped(model), getattr(text_config(model), "_attn_implementation", None),
+                                  batch.segments)  # padding-free under sdpa: attention within each sequence
         hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=_kernel_mask(model, batch.attention_mask),
-                                position_ids=batch.position_ids)[0]
+                                position_ids=batch.position_ids, **segments)[0]
         picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
         view = _CompletionView(batch.side_input_ids, batch.completion_mask, batch.logp_weights)
         head = _unwrapped(model).get_output_embeddings()

@@ -55,12 +55,16 @@ def test_padding_free_layout_by_hand():
     assert batch.layout == PADDING_FREE and tuple(batch.input_ids.shape) == (1, 9)  # 4 + 5, no pad
     assert batch.attention_mask is None  # sequences told apart by position ids
     assert flops.lm_head_positions(batch) == 6  # gather_index [2 sides, 3]
-    # sdpa gets the [9, 9] block-diagonal mask transformers builds: the whole row
-    assert flops.hardware_flops(CONFIG, batch) == 4 * (body(9, [9]) + head(6))
+    # raydpo's sdpa attends within each sequence (segment_attention.py), as FlashAttention does; eager
+    # gets the [9, 9] block-diagonal mask transformers builds: the whole row
+    assert flops.attention_spans(batch, None) == flops.attention_spans(batch, "sdpa") == [4, 5]
+    assert flops.hardware_flops(CONFIG, batch) == 4 * (body(9, [4, 5]) + head(6))
+    assert flops.attention_spans(batch, "eager") == [9]
     # FlashAttention runs each sequence alone
     assert flops.attention_spans(batch, "flash_attention_2") == [4, 5]
     assert flops.hardware_flops(with_kernel("flash_attention_2"), batch) == 4 * (body(9, [4, 5]) + head(6))
     shared = collate([PAIR], pad_token_id=0, padding_free=True, share_prompt=True)  # a dense mask again
+    assert flops.attention_spans(shared, "sdpa") == [7]  # one segment: the pair, its prompt once
     assert flops.hardware_flops(with_kernel("flash_attention_2"), shared) == 4 * (body(7, [7]) + head(6))
 
 

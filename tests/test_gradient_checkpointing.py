@@ -29,11 +29,12 @@ def first_step(model_path, rows, **overrides):
 
 
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}])
-def test_checkpointing_changes_no_number_of_the_first_step(tiny_model, parity_rows, kwargs):
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}])  # padding-free: the recompute gets the segments too
+def test_checkpointing_changes_no_number_of_the_first_step(tiny_model, parity_rows, kwargs, layout):
     rows = parity_rows[:4]
     _, loss, norm, grads = first_step(tiny_model, rows)
     policy, loss_gc, norm_gc, grads_gc = first_step(tiny_model, rows, gradient_checkpointing=True,
-                                                    gradient_checkpointing_kwargs=kwargs)
+                                                    gradient_checkpointing_kwargs=kwargs, **layout)
     assert policy.is_gradient_checkpointing
     assert norm > 0 and loss_gc == pytest.approx(loss, abs=1e-5) and norm_gc == pytest.approx(norm, abs=1e-5)
     assert grads.keys() == grads_gc.keys()

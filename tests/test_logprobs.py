@@ -156,6 +156,62 @@ def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_padding_free_sdpa_attends_within_each_segment(tiny_model, share_prompt, monkeypatch):
+    """Under sdpa a padding-free row reaches raydpo's attention as segments, which replace the dense
+    mask: the right segments give the padded layout's log-probs, and a wrong description (one segment
+    for the whole row) changes them, so the segments are what the model attends by. Every call without
+    segments is transformers' own sdpa."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    import raydpo.segment_attention as segment_attention
+    from raydpo.logprobs import model_completion_stats
+
+    rows = [{"prompt_ids": [1, 5, 6, 4, 4], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
+            {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    free = collate(rows, 0, padding_free=True, share_prompt=share_prompt)
+    assert [end - start for start, end, _ in free.segments] == (
+        [14, 8] if share_prompt else [7, 12, 6, 4])  # a pair with its prompt once, or each sequence
+    seen = []
+
+    def calls(*args, **kwargs):
+        seen.append(kwargs.get(segment_attention.SEGMENTS_KWARG))
+        return segment_attention.segment_sdpa(*args, **kwargs)
+
+    segment_attention.install()
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", calls)
+    padded = model_completion_stats(model, collate(rows, 0)).logps
+    assert seen and all(s is None for s in seen)  # no segments: transformers' sdpa
+    assert segment_attention._transformers_sdpa is sdpa_attention_forward
+    seen.clear()
+    torch.testing.assert_close(model_completion_stats(model, free).logps, padded, rtol=1e-5, atol=1e-5)
+    assert len(seen) == model.config.num_hidden_layers and all(s == free.segments for s in seen)
+    whole_row = dataclasses.replace(free, segments=((0, free.input_ids.shape[1], ()),))
+    assert not torch.allclose(model_completion_stats(model, whole_row).logps, padded, atol=1e-3)
+
+
+def test_segments_only_go_to_sdpa_models_that_pass_keyword_arguments_on():
+    from raydpo.segment_attention import SEGMENTS_KWARG, segment_kwargs
+
+    class PassesThem(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            pass
+
+    class DoesNot(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            pass
+
+    segments = ((0, 3, ()),)
+    assert segment_kwargs(PassesThem(), "sdpa", segments) == segment_kwargs(PassesThem(), None, segments) == {
+        SEGMENTS_KWARG: segments}
+    assert segment_kwargs(DoesNot(), "sdpa", segments) == {}  # the dense mask alone, which it reads
+    assert segment_kwargs(PassesThem(), "eager", segments) == {}
+    assert segment_kwargs(PassesThem(), "sdpa", None) == {}  # not a padding-free batch
+
+
 @pytest.mark.parametrize("layout", ["padded", "shared_prompt", "padding_free"])
 def test_chunked_lm_head_equals_full_logits_and_keeps_none(tiny_model, layout, monkeypatch):
     """Past FUSED_HEAD_BYTES the LM head runs chunk by chunk under activation checkpointing: the same

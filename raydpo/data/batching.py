@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +43,9 @@ class Batch:
     images: Dict[str, torch.Tensor] = field(default_factory=dict)  # padded: the image processor's forward inputs
     ref_logps: Optional[torch.Tensor] = None  # [2B] float64 precomputed reference log-probs, chosen first
     logp_weights: Optional[torch.Tensor] = None  # LD-DPO token weights, aligned with completion_mask
+    # padding_free: each sequence's (or shared-prompt pair's) (start, end, blocked (query, key) ranges) in the
+    # row, so that sdpa attends within each alone (raydpo/segment_attention.py); attention_mask says the same
+    segments: Optional[Tuple] = None
 
     @property
     def scored_ids(self) -> torch.Tensor:
@@ -278,7 +281,8 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
     what it sees in the padded layout. Without share_prompt the attention mask is None and transformers
     builds each kernel's own form from the position ids (a block-causal mask for sdpa and eager, a
     block mask for flex_attention, variable-length sequences for FlashAttention); with share_prompt it
-    is a dense [1, 1, S, S] block-diagonal mask (sdpa and eager only). Log-probs are read like the
+    is a dense [1, 1, S, S] block-diagonal mask (sdpa and eager only). `segments` describes the same
+    structure per sequence (or pair), for raydpo's sdpa to attend within each. Log-probs are read like the
     shared-prompt layout's (gather_index into the flat hidden states, the per-side layout).
     Images are not supported here (DPOTrainer refuses padding_free for vision rows).
     """
@@ -333,4 +337,5 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
     num_tokens = length + (sum(len(row["prompt_ids"]) for row in rows) if share_prompt else 0)
     return Batch(PADDING_FREE, torch.tensor([tokens], dtype=torch.long), attention, side_completion_mask,
                  num_tokens=num_tokens, num_filled=length, position_ids=torch.tensor([positions], dtype=torch.long),
-                 gather_index=gather_index, side_input_ids=side_input_ids, ref_logps=_reference_column(rows))
+                 gather_index=gather_index, side_input_ids=side_input_ids, ref_logps=_reference_column(rows),
+                 segments=tuple((start, end, tuple(blocked)) for start, end, blocked in spans))

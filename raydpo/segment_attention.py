@@ -1,0 +1,89 @@
+"""Attention over the segments of a padding-free row, one sequence (or one shared-prompt pair) at a time.
+
+A padding-free row lays every sequence of a micro-batch end to end. sdpa reads its structure as a
+dense [1, 1, S, S] mask (built by transformers from the position ids, or by `collate_padding_free`
+for shared prompts) and computes attention over the whole row, S^2, although each token only sees its
+own sequence: with 8 sequences of ~300 tokens, 8x the attention work, and through the masked kernel.
+
+`collate_padding_free` therefore also describes the row as segments, `Batch.segments`: (start, end,
+blocked) per sequence (or pair), where blocked lists the (query range, key range) blocks a shared
+prompt's rejected tokens skip (the chosen ones). `segment_kwargs` passes them to the model as the
+keyword argument `raydpo_segments`, which transformers' models hand on to their attention function;
+raydpo's sdpa (`segment_sdpa`, registered under transformers' own "sdpa" name with `install`) runs
+transformers' sdpa once per segment: causal without a mask (the fast kernel) where nothing is blocked,
+with the segment's own small mask otherwise.
+
+Never silently wrong: the dense mask still goes with the batch. A call without segments (every other
+forward in the process, and models that do not hand keyword arguments to their attention) is
+transformers' sdpa, unchanged, reading that mask; the segments only replace it where they arrive.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+SEGMENTS_KWARG = "raydpo_segments"
+# (start, end, ((query start, query end), (key start, key end)), ...): one sequence, or one shared-prompt pair
+Segment = Tuple[int, int, Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...]]
+
+_transformers_sdpa = None  # transformers' own sdpa_attention_forward, which segment_sdpa calls per segment
+
+
+def install() -> None:
+    """Register `segment_sdpa` as transformers' "sdpa" attention in this process (idempotent). It is
+    transformers' sdpa for every call that carries no segments."""
+    global _transformers_sdpa
+    if _transformers_sdpa is not None:
+        return
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    _transformers_sdpa = sdpa_attention_forward
+    AttentionInterface.register("sdpa", segment_sdpa)
+
+
+def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                 **kwargs) -> Tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query [B, H, S, D], key and value [B, H_kv, S, D];
+    returns [B, S, H, D]. With `raydpo_segments` (one row), each segment attends only to itself."""
+    segments: Optional[Sequence[Segment]] = kwargs.pop(SEGMENTS_KWARG, None)
+    if segments is None:
+        return _transformers_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"{SEGMENTS_KWARG} describes one padding-free row; the batch has {query.shape[0]}")
+    outputs = []
+    for start, end, blocked in segments:
+        mask = None  # causal: transformers' sdpa passes is_causal to the kernel
+        if blocked:  # a shared prompt's rejected tokens skip the chosen ones
+            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
+            for (q0, q1), (k0, k1) in blocked:
+                mask[q0 - start:q1 - start, k0 - start:k1 - start] = False
+            mask = mask[None, None]
+        part = slice(start, end)
+        out, _ = _transformers_sdpa(module, query[:, :, part], key[:, :, part], value[:, :, part], mask,
+                                    dropout=dropout, scaling=scaling, **kwargs)
+        outputs.append(out)  # [1, end - start, H, D]
+    return torch.cat(outputs, dim=1), None
+
+
+def segment_kwargs(model, kernel: Optional[str], segments: Optional[Sequence[Segment]]) -> dict:
+    """The model's extra keyword argument for a padding-free batch: its segments, where the model runs
+    transformers' sdpa (kernel None or "sdpa") and its forward takes keyword arguments to pass on."""
+    if segments is None or kernel not in (None, "sdpa") or not _forward_takes_kwargs(type(model)):
+        return {}
+    install()
+    return {SEGMENTS_KWARG: tuple(segments)}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_kwargs(model_class) -> bool:
+    try:
+        parameters = inspect.signature(model_class.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
