@@ -84,11 +84,25 @@ def capacity() -> dict:
     return {name: max(float(now.get(name, 0.0)), float(most.get(name, 0))) for name in {*now, *most}}
 
 
-def sizes(config):
-    """`sizing.size` of `config` on this Ray cluster: its resources now and its capacity."""
+def nodes():
+    """This Ray cluster node by node (`sizing.Nodes`): each alive node's resources, and each node type its
+    autoscaler has published and may still start (max_workers above 0)."""
+    from ray._private.state import state
+
     from raydpo import sizing
 
-    return sizing.size(config, ray.cluster_resources(), capacity())
+    now = [{name: float(value) for name, value in node["Resources"].items()} for node in ray.nodes() if node["Alive"]]
+    published = state.get_cluster_config()
+    types = [{name: float(value) for name, value in group.resources.items()}
+             for group in (published.node_group_configs if published else []) if group.max_count != 0]
+    return sizing.Nodes(now, types)
+
+
+def sizes(config):
+    """`sizing.size` of `config` on this Ray cluster: its resources now, its capacity and its nodes."""
+    from raydpo import sizing
+
+    return sizing.size(config, ray.cluster_resources(), capacity(), nodes())
 
 
 def cpu_process_env() -> dict:

@@ -7,6 +7,9 @@ A request that can never be met does not fail in Ray: the run waits at "Requesti
 So `size` refuses, before anything starts, any configuration whose actors and workers cannot fit in the
 cluster's capacity. With an autoscaler that is the most its node types can add up to, so a run that
 needs nodes not started yet is sized for them and waits for the autoscaler instead of being refused.
+Ray places each worker and each actor whole on one node, so the totals are not enough: given the
+cluster's nodes (`Nodes`), a request that no node (or node type) can hold is refused too, the workers
+are counted node by node, and the CPU share raydpo sizes for a worker is one the nodes can hold.
 
 GPUs are shared the way Ray shares them: a request below 1 GPU is a fraction of one GPU (Ray never
 splits it over two), and Ray gives it the GPU whose free share is the smallest that still fits it
@@ -18,7 +21,7 @@ of them never land on the same one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 # Ray counts resources in steps of 1e-4: shares are rounded down to a step, so that n shares of 1/n fit
@@ -32,7 +35,15 @@ class Sizing:
     actor: Dict[str, float]  # one reference actor's (precompute_ref_log_probs / stream_ref_log_probs)
 
 
-def size(config, cluster: dict, capacity: Optional[dict] = None) -> Sizing:
+@dataclass(frozen=True)
+class Nodes:
+    """The cluster node by node: each alive node's resources (`now`), and each node type an autoscaler can
+    still start (`types`, from the ClusterConfig it publishes)."""
+    now: List[Dict[str, float]]
+    types: List[Dict[str, float]] = field(default_factory=list)
+
+
+def size(config, cluster: dict, capacity: Optional[dict] = None, nodes: Optional[Nodes] = None) -> Sizing:
     """The resources of one training worker and of one reference actor for `config` on a cluster with
     `cluster` resources now ({"CPU": 16.0, "GPU": 8.0, ...}) and `capacity` at most (an autoscaler's
     limit; default `cluster`). User-given resources_per_worker and precompute_ref_resources are kept as
@@ -43,14 +54,18 @@ def size(config, cluster: dict, capacity: Optional[dict] = None) -> Sizing:
     before training, share all the GPUs; streamed actors take the GPUs the workers leave, or else a
     share of the workers' own GPUs (stream_ref_gpu_fraction), the workers then asking for the rest.
     CPU shares come from the CPUs there are now; GPUs are planned over the capacity, whose nodes will
-    come with their GPUs."""
+    come with their GPUs. With `nodes`, a worker's CPU share is one that num_workers of them can hold
+    node by node, and a request no node can hold is refused."""
     capacity = capacity or cluster
-    result = _gpu_sizing(config, capacity) if config.use_gpu else _cpu_sizing(config, cluster)
+    node_cpus = [node.get("CPU", 0.0) for node in nodes.now] if nodes else None
+    result = _gpu_sizing(config, capacity) if config.use_gpu else _cpu_sizing(config, cluster, node_cpus)
     _check_fits(config, capacity, result)
+    if nodes:
+        _check_nodes(config, nodes, result)
     return result
 
 
-def _cpu_sizing(config, cluster: dict) -> Sizing:
+def _cpu_sizing(config, cluster: dict, node_cpus: Optional[List[float]] = None) -> Sizing:
     actor = _given(config.precompute_ref_resources)
     if actor is None:
         # beside the training workers, the pool takes half of what they may share, at most 1 CPU an actor
@@ -60,7 +75,22 @@ def _cpu_sizing(config, cluster: dict) -> Sizing:
     if worker is None:
         beside = actor.get("CPU", 0.0) * config.precompute_ref_num_actors if config.stream_ref_log_probs else 0.0
         worker = {"CPU": _cpus((_cpus_for_runs(cluster) - beside) / config.num_workers)}
+        if node_cpus:
+            worker = {"CPU": _held_share(worker["CPU"], config.num_workers, node_cpus)}
     return Sizing(worker, actor)
+
+
+def _held_share(share: float, count: int, node_cpus: List[float]) -> float:
+    """The largest CPU share, at most `share`, of which `count` requests fit on nodes with these CPUs, each
+    request whole on one node: (4 - 1) / 1 = 3 CPUs is more than either node of a 2 x 2-CPU cluster has,
+    so one worker there asks for 2. `share` itself when no smaller share fits either (the check refuses it)."""
+    def held(cpus: float) -> bool:
+        return sum(math.floor(node / cpus + 1e-9) for node in node_cpus) >= count
+
+    if held(share):
+        return share
+    smaller = sorted({math.floor(node / k * 100) / 100 for node in node_cpus for k in range(1, count + 1)}, reverse=True)
+    return next((cpus for cpus in smaller if 0 < cpus < share and held(cpus)), share)
 
 
 def _gpu_sizing(config, cluster: dict) -> Sizing:
@@ -116,6 +146,46 @@ def _check_fits(config, cluster: dict, sizing: Sizing) -> None:
         _check_group(cluster, [workers, pool], "training with stream_ref_log_probs")
     else:
         _check_group(cluster, [pool, workers], "training with stream_ref_log_probs")
+
+
+def _check_nodes(config, nodes: Nodes, sizing: Sizing) -> None:
+    """Refuse a worker or actor that no node (nor node type) can hold whole, and, on a cluster without an
+    autoscaler, more workers than its nodes can hold one by one (the totals can fit while no node has room)."""
+    groups = [_Group(config.num_workers, sizing.worker, "num_workers", "resources_per_worker",
+                     config.resources_per_worker is not None)]
+    if config.precompute_ref_log_probs or config.stream_ref_log_probs:
+        groups.append(_Group(config.precompute_ref_num_actors, sizing.actor, "precompute_ref_num_actors",
+                             "precompute_ref_resources", config.precompute_ref_resources is not None))
+    shapes = nodes.now + nodes.types
+    for group in groups:
+        if not any(_held(node, group.one) for node in shapes):
+            largest = {name: max((node.get(name, 0.0) for node in shapes), default=0.0) for name in group.one}
+            raise ValueError(
+                f"DPOConfig: {group}: no node of the Ray cluster can hold one of them (the most any node has: "
+                f"{_show(largest)}), and Ray places each whole on one node, so the run would wait for it forever: "
+                f"change {group.resources_field}, or add nodes that hold it")
+    workers = groups[0]
+    if not nodes.types:
+        held = sum(_held(node, workers.one) for node in nodes.now)
+        if held < workers.count:
+            raise ValueError(
+                f"DPOConfig: {workers}: the Ray cluster's nodes hold {held} of them, each whole on one node "
+                f"(nodes: {', '.join(_show(node) for node in nodes.now)}), although the totals would fit, and the "
+                f"run would wait for the rest forever: change num_workers or {workers.resources_field}")
+
+
+def _held(node: Dict[str, float], one: Dict[str, float]) -> int:
+    """How many requests of `one` a node with these resources holds (a GPU fraction f: 1 // f of them per GPU)."""
+    counts = []
+    for name, need in one.items():
+        have = node.get(name, 0.0)
+        if need <= 0:
+            continue
+        if name == "GPU" and need < 1:
+            counts.append(int(math.floor(have + _STEP)) * int(math.floor(1 / need + _STEP)))
+        else:
+            counts.append(int(math.floor(have / need + _STEP)))
+    return min(counts, default=1 << 30)
 
 
 @dataclass(frozen=True)

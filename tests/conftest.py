@@ -50,14 +50,17 @@ def no_leftovers(request):
 
 @pytest.fixture
 def fake_cluster(monkeypatch):
-    """A Ray cluster's view without Ray, for the pure tests: `fake_cluster(resources, autoscaler=None)`
-    makes ray.cluster_resources() return `resources` and the autoscaler's published ClusterConfig
-    (what raydpo.cluster.capacity reads) be `autoscaler`, None for a cluster without one."""
+    """A Ray cluster's view without Ray, for the pure tests: `fake_cluster(resources, autoscaler=None,
+    nodes=None)` makes ray.cluster_resources() return `resources`, ray.nodes() list `nodes` (each node's
+    resources; by default one node holding all of `resources`), and the autoscaler's published
+    ClusterConfig (what raydpo.cluster.capacity and nodes read) be `autoscaler`, None for a cluster without one."""
     import ray
     import ray._private.state
 
-    def set_cluster(resources: dict, autoscaler=None):
+    def set_cluster(resources: dict, autoscaler=None, nodes=None):
+        listed = [{"Alive": True, "Resources": dict(node)} for node in (nodes or [resources])]
         monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
+        monkeypatch.setattr(ray, "nodes", lambda: listed)
         monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: autoscaler)
 
     return set_cluster

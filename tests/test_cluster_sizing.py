@@ -215,3 +215,77 @@ def test_capacity_reads_the_autoscaler_node_types(fake_cluster):
     assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is True
     fake_cluster({"CPU": 2.0})
     assert cluster.resolve_use_gpu(config(use_gpu=None)).use_gpu is False
+
+
+# --- node by node: Ray places each worker and actor whole on one node ---
+
+def test_a_cpu_worker_asks_for_what_one_node_holds():
+    """2 nodes of 2 CPUs: the totals leave 3 CPUs for one worker, but no node has 3; it asks for 2. Two
+    workers get 1.5 each, one per node; on nodes of 4 and 1 CPUs, two workers get 2 each, both on the big one."""
+    two_by_two = sizing.Nodes([{"CPU": 2.0}, {"CPU": 2.0}])
+    assert sizing.size(config(num_workers=1), {"CPU": 4.0}).worker == {"CPU": 3.0}  # totals alone
+    assert sizing.size(config(num_workers=1), {"CPU": 4.0}, nodes=two_by_two).worker == {"CPU": 2.0}
+    assert sizing.size(config(num_workers=2), {"CPU": 4.0}, nodes=two_by_two).worker == {"CPU": 1.5}
+    uneven = sizing.Nodes([{"CPU": 4.0}, {"CPU": 1.0}])
+    assert sizing.size(config(num_workers=2), {"CPU": 5.0}, nodes=uneven).worker == {"CPU": 2.0}
+    three = sizing.Nodes([{"CPU": 2.0}] * 3)  # (6 - 1) / 3 = 1.67 fits one per node
+    assert sizing.size(config(num_workers=3), {"CPU": 6.0}, nodes=three).worker == {"CPU": 1.67}
+    # a single node: as before
+    assert sizing.size(config(num_workers=2), {"CPU": 2.0}, nodes=sizing.Nodes([{"CPU": 2.0}])).worker == {"CPU": 0.5}
+
+
+@pytest.mark.parametrize("options, nodes, names", [
+    # 2 GPUs per worker, and no node has more than 1
+    (dict(use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 2}), [gpus(1), gpus(1)],
+     ["resources_per_worker", "no node", "GPU: 1", "add nodes"]),
+    # 8 CPUs per worker on 4-CPU nodes
+    (dict(resources_per_worker={"CPU": 8}), [{"CPU": 4.0}] * 4, ["resources_per_worker", "no node", "CPU: 4"]),
+    # a precompute actor bigger than any node
+    (dict(precompute_ref_log_probs=True, precompute_ref_num_actors=1, precompute_ref_resources={"CPU": 6}),
+     [{"CPU": 4.0}] * 2, ["precompute_ref_resources", "no node"]),
+    # 3 workers of 2 CPUs: the totals fit (6 of 7) but each node holds one
+    (dict(num_workers=3, resources_per_worker={"CPU": 2}), [{"CPU": 3.5}] * 2, ["num_workers=3", "hold 2 of them"]),
+])
+def test_what_no_node_can_hold_is_refused_by_name(options, nodes, names):
+    cluster = {name: sum(node.get(name, 0.0) for node in nodes) for name in ("CPU", "GPU")}
+    sizing.size(config(**options), cluster)  # the totals alone let it through
+    with pytest.raises(ValueError) as error:
+        sizing.size(config(**options), cluster, nodes=sizing.Nodes(nodes))
+    for name in names:
+        assert name in str(error.value)
+    assert "wait for" in str(error.value) and "forever" in str(error.value)
+
+
+def test_a_node_type_the_autoscaler_can_start_counts():
+    """A worker asking for 8 GPUs fits no node now, but the autoscaler can start an 8-GPU node: accepted,
+    and the run waits for that node. Node by node counting is left to the autoscaler then."""
+    cfg = config(use_gpu=True, num_workers=2, resources_per_worker={"CPU": 8, "GPU": 8})
+    nodes = sizing.Nodes([gpus(4)], types=[{"CPU": 96.0, "GPU": 8.0}])
+    assert sizing.size(cfg, gpus(4), {"CPU": 1000.0, "GPU": 20.0}, nodes).worker == {"CPU": 8, "GPU": 8}
+    with pytest.raises(ValueError, match="no node"):
+        sizing.size(cfg, gpus(4), {"CPU": 1000.0, "GPU": 20.0}, sizing.Nodes([gpus(4)]))
+
+
+def test_fractional_gpu_workers_are_counted_per_gpu():
+    """Workers of 0.6 GPU: one to a GPU, so 2 nodes of 1 GPU hold 2 of them and not 3."""
+    nodes = sizing.Nodes([gpus(1), gpus(1)])
+    two = config(use_gpu=True, num_workers=2, resources_per_worker={"CPU": 1, "GPU": 0.6})
+    assert sizing.size(two, gpus(2), nodes=nodes).worker["GPU"] == 0.6
+    with pytest.raises(ValueError):
+        sizing.size(config(use_gpu=True, num_workers=3, resources_per_worker={"CPU": 1, "GPU": 0.6}), gpus(2),
+                    nodes=nodes)
+
+
+def test_cluster_nodes_reads_ray_nodes_and_the_node_types(fake_cluster):
+    from ray.core.generated import autoscaler_pb2
+
+    from raydpo import cluster
+
+    published = autoscaler_pb2.ClusterConfig()
+    for name, resources, most in (("head", {"CPU": 8}, 1), ("a100", {"CPU": 96, "GPU": 8}, 2), ("off", {"CPU": 1}, 0)):
+        group = published.node_group_configs.add(name=name, max_count=most)
+        group.resources.update(resources)
+    fake_cluster({"CPU": 4.0}, published, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
+    assert cluster.nodes() == sizing.Nodes([{"CPU": 2.0}, {"CPU": 2.0}], [{"CPU": 8.0}, {"CPU": 96.0, "GPU": 8.0}])
+    fake_cluster({"CPU": 4.0}, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
+    assert cluster.sizes(config(num_workers=1)).worker == {"CPU": 2.0}
