@@ -103,7 +103,7 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
 # their forward agrees as closely as fp32 does; the padding-free row runs attention over other spans (0.24%
 # on rewards/chosen here). The backward sums gradients in another order in every layout (grad_norm 1e-4).
 BF16_LAYOUTS = {"shared_prompt": ({}, 1e-5), "two_sequences": ({"share_prompt": False}, 1e-5),
-                "padding_free": ({"padding_free": True}, 5e-3)}
+                "padding_free": ({"padding_free": True}, 1e-5)}  # sdpa per segment: each pair's own spans
 BF16_FORWARD = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
                 "logits/chosen", "logits/rejected", "entropy"]
 
