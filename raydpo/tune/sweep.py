@@ -105,6 +105,8 @@ def _trial(trial_config: dict, *, base: dict, trainer: DPOTrainer, trials_dir: s
         callbacks=[TuneReportCallback()], peft_config=trainer.peft_config, eval_data=trainer.eval_data)
 
 
+TRIAL_RESOURCES = {"memory": 1024}  # what a trial's own process asks for (see the Tuner below)
+
 # Fields that change the reference log-probs: sweeping one means each trial precomputes its own.
 REFERENCE_SETTINGS = {"max_length", "truncation_mode", "ld_alpha", "model_init_kwargs"}
 
@@ -186,7 +188,10 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     staging = tempfile.mkdtemp(prefix="raydpo-sweep-") if remote else results_dir
     trainable = tune.with_parameters(_trial, base=base_values, trainer=trainer, trials_dir=trials_dir)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only waits on its Ray Train run (0 is refused)
+        # The trial only waits on its Ray Train run, so it asks for no CPU: a sliver of one (0.01) on a node
+        # leaves 0.99 there, which a 1-CPU worker no longer fits, and with a trial on each small node every
+        # run waits forever (tests/test_multinode.py hit it). Tune refuses an empty request: 1 KiB of memory.
+        tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=concurrency,
                                     scheduler=_scheduler(scheduler, metric, mode, space),
