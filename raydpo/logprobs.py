@@ -11,8 +11,6 @@ completion token at position 0 is never scored (as in TRL).
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +19,7 @@ import torch
 from raydpo.data.batching import Batch
 from raydpo.loss_weights import wpo_weights
 from raydpo.losses import PairLogps
-from raydpo.segment_attention import segment_kwargs
+from raydpo.segment_attention import forward_parameters, segment_kwargs
 
 # Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
 CHUNK_ELEMENTS = 2 ** 24
@@ -156,15 +154,7 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the underlying transformers model takes `logits_to_keep` (DeepSpeed and PEFT wrappers
     pass keyword arguments through)."""
-    return _forward_takes_logits_to_keep(type(_unwrapped(model)))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(model_class) -> bool:  # once per class, not once per step
-    try:
-        return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return "logits_to_keep" in forward_parameters(type(_unwrapped(model)))
 
 
 @dataclass

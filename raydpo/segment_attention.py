@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -81,9 +81,14 @@ def segment_kwargs(model, kernel: Optional[str], segments: Optional[Sequence[Seg
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_takes_kwargs(model_class) -> bool:
+def forward_parameters(model_class) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a model class's forward, by name; empty where its signature cannot be read.
+    Read once per class, not once per step (logprobs.py asks it too)."""
     try:
-        parameters = inspect.signature(model_class.forward).parameters.values()
+        return inspect.signature(model_class.forward).parameters  # read-only, so the cached value stays as read
     except (TypeError, ValueError):
-        return False
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        return {}
+
+
+def _forward_takes_kwargs(model_class) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_parameters(model_class).values())
