@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # Ray counts resources in steps of 1e-4: shares are rounded down to a step, so that n shares of 1/n fit
 # in one GPU, and sums are compared with a step's tolerance.
@@ -134,10 +134,7 @@ def _check_fits(config, cluster: dict, sizing: Sizing) -> None:
         if gpu > 1 and gpu != int(gpu):
             raise ValueError(f"DPOConfig.{name} asks for {gpu:g} GPUs: Ray takes a fraction of one GPU or a whole "
                              "number of GPUs, never a fraction above 1")
-    workers = _Group(config.num_workers, sizing.worker, "num_workers", "resources_per_worker",
-                     config.resources_per_worker is not None)
-    pool = _Group(config.precompute_ref_num_actors, sizing.actor, "precompute_ref_num_actors",
-                  "precompute_ref_resources", config.precompute_ref_resources is not None)
+    workers, pool = _groups(config, sizing)
     if config.precompute_ref_log_probs:
         _check_group(cluster, [pool], "precompute_ref_log_probs, before training")
     if not config.stream_ref_log_probs:
@@ -151,11 +148,8 @@ def _check_fits(config, cluster: dict, sizing: Sizing) -> None:
 def _check_nodes(config, nodes: Nodes, sizing: Sizing) -> None:
     """Refuse a worker or actor that no node (nor node type) can hold whole, and, on a cluster without an
     autoscaler, more workers than its nodes can hold one by one (the totals can fit while no node has room)."""
-    groups = [_Group(config.num_workers, sizing.worker, "num_workers", "resources_per_worker",
-                     config.resources_per_worker is not None)]
-    if config.precompute_ref_log_probs or config.stream_ref_log_probs:
-        groups.append(_Group(config.precompute_ref_num_actors, sizing.actor, "precompute_ref_num_actors",
-                             "precompute_ref_resources", config.precompute_ref_resources is not None))
+    workers, pool = _groups(config, sizing)
+    groups = [workers, pool] if config.precompute_ref_log_probs or config.stream_ref_log_probs else [workers]
     shapes = nodes.now + nodes.types
     for group in groups:
         if not any(_held(node, group.one) for node in shapes):
@@ -164,7 +158,6 @@ def _check_nodes(config, nodes: Nodes, sizing: Sizing) -> None:
                 f"DPOConfig: {group}: no node of the Ray cluster can hold one of them (the most any node has: "
                 f"{_show(largest)}), and Ray places each whole on one node, so the run would wait for it forever: "
                 f"change {group.resources_field}, or add nodes that hold it")
-    workers = groups[0]
     if not nodes.types:
         held = sum(_held(node, workers.one) for node in nodes.now)
         if held < workers.count:
@@ -200,6 +193,14 @@ class _Group:
     def __str__(self) -> str:
         origin = self.resources_field if self.given else f"sized by raydpo, {self.resources_field}=None"
         return f"{self.count_field}={self.count} x {_show(self.one)} ({origin})"
+
+
+def _groups(config, sizing: Sizing) -> Tuple[_Group, _Group]:
+    """The training workers and the reference actors, as the checks name them."""
+    return (_Group(config.num_workers, sizing.worker, "num_workers", "resources_per_worker",
+                   config.resources_per_worker is not None),
+            _Group(config.precompute_ref_num_actors, sizing.actor, "precompute_ref_num_actors",
+                   "precompute_ref_resources", config.precompute_ref_resources is not None))
 
 
 def _check_group(cluster: dict, groups: List[_Group], when: str) -> None:
