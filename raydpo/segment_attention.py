@@ -60,15 +60,26 @@ def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     for start, end, blocked in segments:
         mask = None  # causal: transformers' sdpa passes is_causal to the kernel
         if blocked:  # a shared prompt's rejected tokens skip the chosen ones
-            mask = torch.ones(end - start, end - start, dtype=torch.bool, device=query.device).tril()
-            for (q0, q1), (k0, k1) in blocked:
-                mask[q0 - start:q1 - start, k0 - start:k1 - start] = False
-            mask = mask[None, None]
+            mask = pair_mask(end - start, tuple(((q0 - start, q1 - start), (k0 - start, k1 - start))
+                                                for (q0, q1), (k0, k1) in blocked), query.device)
         part = slice(start, end)
         out, _ = _transformers_sdpa(module, query[:, :, part], key[:, :, part], value[:, :, part], mask,
                                     dropout=dropout, scaling=scaling, **kwargs)
         outputs.append(out)  # [1, end - start, H, D]
     return torch.cat(outputs, dim=1), None
+
+
+@functools.lru_cache(maxsize=64)
+def pair_mask(length: int, blocked: Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...],
+              device: torch.device) -> torch.Tensor:
+    """A shared-prompt pair's own [1, 1, length, length] mask: causal, less its blocked (query range, key
+    range) blocks, given from the pair's start. Every layer of a forward (and the recomputation under
+    gradient checkpointing) asks for the same masks: each is built once, and pairs of the same shape
+    share it. Nobody writes to it (sdpa only reads its mask)."""
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    for (q0, q1), (k0, k1) in blocked:
+        mask[q0:q1, k0:k1] = False
+    return mask[None, None]
 
 
 def segment_kwargs(model, kernel: Optional[str], segments: Optional[Sequence[Segment]]) -> dict:

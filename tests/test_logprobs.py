@@ -187,8 +187,12 @@ def test_padding_free_sdpa_attends_within_each_segment(tiny_model, share_prompt,
     assert seen and all(s is None for s in seen)  # no segments: transformers' sdpa
     assert segment_attention._transformers_sdpa is sdpa_attention_forward
     seen.clear()
+    segment_attention.pair_mask.cache_clear()
     torch.testing.assert_close(model_completion_stats(model, free).logps, padded, rtol=1e-5, atol=1e-5)
     assert len(seen) == model.config.num_hidden_layers and all(s == free.segments for s in seen)
+    # a shared-prompt pair's small mask is built once for the forward, not once per layer
+    masks = segment_attention.pair_mask.cache_info()
+    assert (masks.misses, masks.hits) == ((2, 2 * (model.config.num_hidden_layers - 1)) if share_prompt else (0, 0))
     whole_row = dataclasses.replace(free, segments=((0, free.input_ids.shape[1], ()),))
     assert not torch.allclose(model_completion_stats(model, whole_row).logps, padded, atol=1e-3)
 
