@@ -289,3 +289,21 @@ def test_cluster_nodes_reads_ray_nodes_and_the_node_types(fake_cluster):
     assert cluster.nodes() == sizing.Nodes([{"CPU": 2.0}, {"CPU": 2.0}], [{"CPU": 8.0}, {"CPU": 96.0, "GPU": 8.0}])
     fake_cluster({"CPU": 4.0}, nodes=[{"CPU": 2.0}, {"CPU": 2.0}])
     assert cluster.sizes(config(num_workers=1)).worker == {"CPU": 2.0}
+
+
+def test_a_sweep_trial_leaves_each_small_node_room_for_a_worker():
+    """A sweep trial's own process only waits on its Ray Train run, so what it asks for (Tune's request,
+    as tune.with_resources makes it) takes nothing a training worker needs: with a trial on every 1-CPU
+    node, each node still holds a 1-CPU worker. A 0.01-CPU request left 0.99 CPU per node, no worker fit,
+    and every trial's run waited forever (tests/test_multinode.py's sweep hung so)."""
+    from ray import tune
+
+    from raydpo.sizing import _held
+    from raydpo.tune.sweep import TRIAL_RESOURCES
+
+    request = tune.with_resources(lambda config: None, TRIAL_RESOURCES)._resources.required_resources
+    node = {"CPU": 1.0, "memory": 4.0 * 2**30, "object_store_memory": 2.0 * 2**30}
+    left = {name: have - request.get(name, 0.0) for name, have in node.items()}
+    assert min(left.values()) >= 0 and request  # it fits beside the worker, and Tune has a request to place
+    assert _held(left, {"CPU": 1.0}) == 1
+    assert _held({**node, "CPU": 1.0 - 0.01}, {"CPU": 1.0}) == 0  # what the former 0.01-CPU request left
