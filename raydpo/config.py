@@ -211,8 +211,10 @@ class DPOConfig:
                 "truncation leaves every prompt whole (always with keep_start), for models whose logits are "
                 "lm_head(final hidden state), with the sdpa or eager attention kernel (its mask is [B, 1, S, S]: "
                 "flash_attention_2/3 and flex_attention fall back to the padded layout, with a logged reason), "
-                "and not for vision or MoE-with-aux-loss batches. The results equal TRL's two-sequence layout "
-                "(tested against TRL)."})
+                "and not for vision or MoE-with-aux-loss batches. A sliding-window model (Mistral, Gemma 3) "
+                "whose window max_length can pass also falls back, as one mask cannot carry a window, except "
+                "in padding-free rows under sdpa, where raydpo's attention applies each layer's window. The "
+                "results equal TRL's two-sequence layout (tested against TRL)."})
     padding_free: bool = field(default=False, metadata={
         "help": "TRL's name (TRL 1.16 falls back to padding). Every sequence of a micro-batch end to end in "
                 "one row, so no position holds a pad token: a block-diagonal attention mask keeps each pair "
@@ -222,7 +224,10 @@ class DPOConfig:
                 "FlashAttention runs them as variable-length sequences); a shared prompt needs a dense "
                 "[1, 1, S, S] mask, so with flash_attention_2/3 or flex_attention share_prompt is turned "
                 "off, with a logged reason. Under sdpa, raydpo's attention runs each sequence (or pair) "
-                "alone rather than the whole row under that mask. Refused for vision rows."})
+                "alone rather than the whole row under that mask, within each layer's sliding window where "
+                "the model has one. Off, with a logged reason, for models whose layers carry state from one "
+                "sequence into the next (linear-attention or other layer_types than full and sliding "
+                "attention). Refused for vision rows."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={

@@ -154,7 +154,7 @@ def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_m
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the underlying transformers model takes `logits_to_keep` (DeepSpeed and PEFT wrappers
     pass keyword arguments through)."""
-    return "logits_to_keep" in forward_parameters(type(_unwrapped(model)))
+    return "logits_to_keep" in forward_parameters(type(unwrapped(model)))
 
 
 @dataclass
@@ -182,7 +182,7 @@ class _CompletionView:
 def _fuse_head(model, rows: int, positions: int) -> bool:
     """Run the LM head chunk by chunk when the [rows, positions, V] logits would pass FUSED_HEAD_BYTES
     (only for models whose logits are exactly lm_head(final hidden state))."""
-    output_embeddings = getattr(_unwrapped(model), "get_output_embeddings", None)
+    output_embeddings = getattr(unwrapped(model), "get_output_embeddings", None)
     head = output_embeddings() if output_embeddings else None
     if head is None or not hasattr(head, "weight"):
         return False
@@ -209,13 +209,13 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
         if router_logits:
             raise ValueError("an MoE load-balancing loss needs the padded two-sequence layout "
                              "(share_prompt=False, padding_free=False)")
-        segments = segment_kwargs(_unwrapped(model), getattr(text_config(model), "_attn_implementation", None),
+        segments = segment_kwargs(unwrapped(model), getattr(text_config(model), "_attn_implementation", None),
                                   batch.segments)  # padding-free under sdpa: attention within each sequence
         hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=_kernel_mask(model, batch.attention_mask),
                                 position_ids=batch.position_ids, **segments)[0]
         picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
         view = _CompletionView(batch.side_input_ids, batch.completion_mask, batch.logp_weights)
-        head = _unwrapped(model).get_output_embeddings()
+        head = unwrapped(model).get_output_embeddings()
         if _fuse_head(model, *batch.gather_index.shape):
             view.hidden, view.head = picked, head
         else:
@@ -230,7 +230,7 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
     if not batch.images and _fuse_head(model, input_ids.shape[0], input_ids.shape[1] - first):
         hidden, outputs = _hidden_states(model, **kwargs)
         view = _CompletionView(cut(input_ids), cut(completion_mask), cut(weights), hidden=hidden[:, first:],
-                               head=_unwrapped(model).get_output_embeddings())
+                               head=unwrapped(model).get_output_embeddings())
     else:
         if first > 0 and _accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = input_ids.shape[1] - first  # the last T - first positions
@@ -256,11 +256,12 @@ def _kernel_mask(model, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     mask to its scores, so it gets an additive one (0 where attended, the dtype's minimum elsewhere)."""
     if mask is None or mask.dtype != torch.bool or getattr(text_config(model), "_attn_implementation", None) != "eager":
         return mask
-    dtype = next(_unwrapped(model).parameters()).dtype
+    dtype = next(unwrapped(model).parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def _unwrapped(model):
+def unwrapped(model):
+    """The transformers model inside a DeepSpeed engine and a PeftModel (the model itself otherwise)."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
 
@@ -270,7 +271,7 @@ def _hidden_states(model, **inputs) -> tuple:
     (through its DeepSpeed engine, so ZeRO-3 gathering and autocast apply) with logits_to_keep=1; a
     hook takes the body's output, so the caller runs the LM head only where a token is scored."""
     captured = []
-    hook = _unwrapped(model).get_decoder().register_forward_hook(
+    hook = unwrapped(model).get_decoder().register_forward_hook(
         lambda module, args, output: captured.append(output[0]))
     try:
         outputs = model(**{"use_cache": False, **inputs}, logits_to_keep=1)
@@ -281,13 +282,13 @@ def _hidden_states(model, **inputs) -> tuple:
 
 def text_config(model):
     """The config of the language model inside `model` (a DeepSpeed engine, a PeftModel, a vision model)."""
-    return _unwrapped(model).config.get_text_config()
+    return unwrapped(model).config.get_text_config()
 
 
 def shares_prompt_safely(model) -> bool:
     """The shared-prompt path applies the LM head itself: only for models whose logits are exactly
     lm_head(final hidden state) and that take logits_to_keep (no soft-capping or logit scaling)."""
-    inner = _unwrapped(model)
+    inner = unwrapped(model)
     config = getattr(inner, "config", None)
     extras = [getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")]
     return (_accepts_logits_to_keep(model) and hasattr(inner, "get_decoder") and inner.get_output_embeddings() is not None

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 
 from raydpo.config import DPOConfig
-from raydpo.logprobs import shares_prompt_safely, text_config
+from raydpo.logprobs import shares_prompt_safely, text_config, unwrapped
 from raydpo.losses import router_aux_loss_coef
+from raydpo.segment_attention import takes_segments
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,24 @@ def continued_adapter(model: str, ref_model: Optional[str]) -> Optional[str]:
 # Attention implementations that take the shared-prompt layout's [B, 1, S, S] mask. flash_attention_2/3
 # read only a 2-D padding mask (or position ids), and flex_attention builds its own block mask.
 MASK_KERNELS = ("sdpa", "eager")
+# transformers' layer types (config.layer_types) the gathered layouts reproduce: attention over the whole
+# prefix or a sliding window of it (and the MLP kinds). Any other (linear attention, chunked or sparse
+# attention, mamba hybrids) would carry state or structure across the sequences laid end to end.
+GATHERED_LAYER_TYPES = ("full_attention", "sliding_attention", "dense", "sparse")
+
+
+def sliding_window(config) -> Optional[int]:
+    """The window of a text config's sliding-window attention layers (a query sees keys fewer than
+    `window` positions back), or None when every layer attends to the whole prefix. Mistral-style configs
+    window every layer; those with `layer_types` (Gemma 2/3, Qwen2 with use_sliding_window) only their
+    "sliding_attention" layers."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 def gathered_blocker(model, aux_loss_coef: float) -> Optional[str]:
@@ -152,13 +171,17 @@ def gathered_blocker(model, aux_loss_coef: float) -> Optional[str]:
         return "an MoE load-balancing loss (router_aux_loss_coef), which TRL computes over the two-sequence layout"
     if not shares_prompt_safely(model):
         return "the model's logits are not lm_head(final hidden state) with logits_to_keep (e.g. soft-capped)"
+    other = sorted(set(getattr(text_config(model), "layer_types", None) or ()) - set(GATHERED_LAYER_TYPES))
+    if other:
+        return (f"its {', '.join(other)} layers would carry one sequence into the next (only "
+                f"{' and '.join(GATHERED_LAYER_TYPES[:2])} layers keep each to itself)")
     return None
 
 
-def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
+def shared_prompt_blocker(model, aux_loss_coef: float, config: Optional[DPOConfig] = None) -> Optional[str]:
     """Why this model cannot run the shared-prompt layout (prompt once, rejected masked off chosen: a
     [B, 1, S, S] mask), or None when it can. The padded layout is then used: the same numbers, more
-    tokens per pair."""
+    tokens per pair. `config` (max_length, padding_free) decides for sliding-window models."""
     reason = gathered_blocker(model, aux_loss_coef)
     if reason:
         return reason
@@ -166,6 +189,15 @@ def shared_prompt_blocker(model, aux_loss_coef: float) -> Optional[str]:
     if attention not in MASK_KERNELS:
         return (f"attn_implementation={attention!r} takes no [B, 1, S, S] attention mask (only "
                 f"{' and '.join(MASK_KERNELS)} do)")
+    window = sliding_window(text_config(model))
+    max_length = config.max_length if config is not None else None
+    if window is not None and (max_length is None or max_length > window):
+        # One [B, 1, S, S] mask goes to every layer as it is, so no layer's window would apply. Padding-free
+        # rows under raydpo's sdpa are the exception: it applies each layer's window per segment.
+        segments = config is not None and config.padding_free and takes_segments(unwrapped(model), attention)
+        if not segments:
+            return (f"its sliding-window attention ({window} tokens) is not in the shared-prompt layout's "
+                    f"[B, 1, S, S] mask, and max_length={max_length} lets a sequence reach past the window")
     return None
 
 
@@ -176,7 +208,7 @@ def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     shared prompt takes any attention kernel (its sequences are told apart by position ids)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
     share_prompt, padding_free = config.share_prompt, config.padding_free
-    reason = shared_prompt_blocker(model, coef) if share_prompt else None
+    reason = shared_prompt_blocker(model, coef, config) if share_prompt else None
     if reason:
         logger.warning("share_prompt is off for this model: %s; %s", reason,
                        "padding-free rows hold two sequences per pair" if padding_free

@@ -56,12 +56,15 @@ def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         return _transformers_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{SEGMENTS_KWARG} describes one padding-free row; the batch has {query.shape[0]}")
+    # This layer's sliding window, where it has one: transformers' sdpa reads it from the mask its model
+    # builds, which the segments replace, so it is applied here.
+    window = kwargs.get("sliding_window")
     outputs = []
     for start, end, blocked in segments:
         mask = None  # causal: transformers' sdpa passes is_causal to the kernel
-        if blocked:  # a shared prompt's rejected tokens skip the chosen ones
+        if blocked or window:  # a shared prompt's rejected tokens skip the chosen ones; a window reached
             mask = pair_mask(end - start, tuple(((q0 - start, q1 - start), (k0 - start, k1 - start))
-                                                for (q0, q1), (k0, k1) in blocked), query.device)
+                                                for (q0, q1), (k0, k1) in blocked), window, query.device)
         part = slice(start, end)
         out, _ = _transformers_sdpa(module, query[:, :, part], key[:, :, part], value[:, :, part], mask,
                                     dropout=dropout, scaling=scaling, **kwargs)
@@ -70,22 +73,36 @@ def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
-def pair_mask(length: int, blocked: Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...],
-              device: torch.device) -> torch.Tensor:
-    """A shared-prompt pair's own [1, 1, length, length] mask: causal, less its blocked (query range, key
-    range) blocks, given from the pair's start. Every layer of a forward (and the recomputation under
-    gradient checkpointing) asks for the same masks: each is built once, and pairs of the same shape
-    share it. Nobody writes to it (sdpa only reads its mask)."""
+def pair_mask(length: int, blocked: Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...], window: Optional[int],
+              device: torch.device) -> Optional[torch.Tensor]:
+    """A segment's own [1, 1, length, length] mask: causal, less its blocked (query range, key range)
+    blocks, given from the segment's start, and with a sliding `window` (transformers' rule: a query sees
+    keys fewer than `window` positions back) measured in position ids: a blocked key range is the run of
+    tokens just before its query range that the queries' sequence does not hold (a shared prompt's
+    chosen tokens, before its rejected ones), so the queries' positions go back by its length. None where
+    plain causal attention is exact (nothing blocked, no window reached).
+
+    Every layer of a forward (and the recomputation under gradient checkpointing) asks for the same
+    masks: each is built once, and segments of the same shape share it. Nobody writes to it (sdpa only
+    reads its mask)."""
+    positions = torch.arange(length, device=device)
+    for (q0, q1), (k0, k1) in blocked:
+        positions[q0:q1] -= k1 - k0
+    reached = window is not None and int(positions.max()) >= window
+    if not blocked and not reached:
+        return None
     mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     for (q0, q1), (k0, k1) in blocked:
         mask[q0:q1, k0:k1] = False
+    if reached:
+        mask &= (positions[:, None] - positions[None, :]) < window
     return mask[None, None]
 
 
 def segment_kwargs(model, kernel: Optional[str], segments: Optional[Sequence[Segment]]) -> dict:
     """The model's extra keyword argument for a padding-free batch: its segments, where the model runs
     transformers' sdpa (kernel None or "sdpa") and its forward takes keyword arguments to pass on."""
-    if segments is None or kernel not in (None, "sdpa") or not _forward_takes_kwargs(type(model)):
+    if segments is None or not takes_segments(model, kernel):
         return {}
     install()
     return {SEGMENTS_KWARG: tuple(segments)}
@@ -101,5 +118,8 @@ def forward_parameters(model_class) -> Mapping[str, inspect.Parameter]:
         return {}
 
 
-def _forward_takes_kwargs(model_class) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_parameters(model_class).values())
+def takes_segments(model, kernel: Optional[str]) -> bool:
+    """Whether a padding-free batch's segments reach raydpo's sdpa in this model: it runs transformers'
+    sdpa (kernel None or "sdpa") and its forward takes keyword arguments, which it hands on to attention."""
+    return kernel in (None, "sdpa") and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                            for p in forward_parameters(type(model)).values())

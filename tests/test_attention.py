@@ -1,6 +1,7 @@
 """Which attention kernels get the shared-prompt layout's 4-D mask: sdpa and eager do; any other
 implementation (flash_attention_2/3, flex_attention) falls back to the padded layout with a logged
-reason, never a mask it cannot read. No Ray."""
+reason, never a mask it cannot read. Sliding-window models keep the padded layout's numbers in every
+layout they are given, and models whose layers carry state across sequences get no gathered layout. No Ray."""
 
 import logging
 
@@ -35,3 +36,73 @@ def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, at
     # kernel takes (FlashAttention's variable-length path); only its shared prompt goes
     fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True), model)
     assert fitted.padding_free is True and fitted.share_prompt is False
+
+
+ROWS = [{"prompt_ids": [1, 5, 6, 4, 4, 7, 8, 9], "chosen_ids": [7, 2, 3, 4, 5, 6], "rejected_ids": [8, 9, 9, 2, 3, 3, 3]},
+        {"prompt_ids": [1, 5], "chosen_ids": [7, 7, 7, 2], "rejected_ids": [3, 2]}]
+
+
+def _windowed_model(attention: str, family: str = "mistral", window: int = 4):
+    """A tiny random model whose attention sees `window` positions back: every layer (Mistral), or only
+    its second layer (Qwen2's use_sliding_window from layer max_window_layers on)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attention)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=window, **shape)).eval()
+    config = Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **shape)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("attention,family", [("sdpa", "mistral"), ("eager", "mistral"), ("sdpa", "qwen2")])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sliding_window_models_get_the_padded_layouts_numbers(attention, family, padding_free, caplog):
+    """A sliding-window model's log-probs in the layout fit_to_model picks equal the padded two-sequence
+    layout's (TRL's), sequences longer than the window included. The shared prompt's one [B, 1, S, S] mask
+    cannot carry a window, so it goes (with the reason logged), except in padding-free rows under raydpo's
+    sdpa, which applies each layer's own window per segment; kept without fitting, it changes the numbers."""
+    import torch
+
+    from raydpo.data.batching import collate
+    from raydpo.logprobs import model_completion_stats
+
+    model = _windowed_model(attention, family)
+    config = DPOConfig(output_dir="o", padding_free=padding_free, max_length=64)
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(config, model)
+    kept = padding_free and attention == "sdpa"
+    assert (fitted.share_prompt, fitted.padding_free) == (kept, padding_free)
+    assert ("sliding-window attention (4 tokens)" in caplog.text) != kept
+
+    def logps(share_prompt, free):
+        with torch.no_grad():
+            return model_completion_stats(model, collate(ROWS, 0, share_prompt=share_prompt, padding_free=free)).logps
+
+    padded = logps(False, False)
+    torch.testing.assert_close(logps(fitted.share_prompt, fitted.padding_free), padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps(False, True), padded, rtol=1e-5, atol=1e-5)  # two sequences per pair: exact too
+    if not kept:  # what the refused layout would have given: the window ignored
+        assert not torch.allclose(logps(True, padding_free), padded, atol=1e-3)
+
+
+def test_a_window_no_sequence_can_reach_keeps_the_shared_prompt(caplog):
+    model = _windowed_model("sdpa", window=4096)
+    with caplog.at_level(logging.WARNING):
+        assert fit_to_model(DPOConfig(output_dir="o", max_length=1024), model).share_prompt is True
+        assert fit_to_model(DPOConfig(output_dir="o", max_length=None), model).share_prompt is False
+    assert "max_length=None lets a sequence reach past the window" in caplog.text
+
+
+def test_layers_that_carry_state_across_sequences_keep_the_padded_layout(caplog):
+    """Linear-attention (recurrent) or mamba-hybrid layers would carry one sequence of a gathered row into
+    the next: both gathered layouts go, with the layer type named."""
+    model = _windowed_model("sdpa", window=4096)
+    model.config.layer_types = ["linear_attention", "full_attention"]
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True), model)
+    assert (fitted.share_prompt, fitted.padding_free) == (False, False)
+    assert "its linear_attention layers would carry one sequence into the next" in caplog.text
