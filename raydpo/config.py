@@ -225,9 +225,12 @@ class DPOConfig:
                 "[1, 1, S, S] mask, so with flash_attention_2/3 or flex_attention share_prompt is turned "
                 "off, with a logged reason. Under sdpa, raydpo's attention runs each sequence (or pair) "
                 "alone rather than the whole row under that mask, within each layer's sliding window where "
-                "the model has one. Off, with a logged reason, for models whose layers carry state from one "
-                "sequence into the next (linear-attention or other layer_types than full and sliding "
-                "attention). Refused for vision rows."})
+                "the model has one. Each process tries the layout on its model first (two probe pairs, padded "
+                "and padding-free, one forward each) and turns padding_free off, with a logged reason, where "
+                "the log-probs differ (a model whose mask ignores position ids: OPT under eager attention); "
+                "also off for models whose layers carry state from one sequence into the next "
+                "(linear-attention or other layer_types than full and sliding attention). Refused for vision "
+                "rows."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from raydpo.config import DPOConfig
-from raydpo.logprobs import shares_prompt_safely, text_config, unwrapped
+from raydpo.logprobs import model_completion_logps, shares_prompt_safely, text_config, unwrapped
 from raydpo.losses import router_aux_loss_coef
 from raydpo.segment_attention import takes_segments
 
@@ -201,23 +201,64 @@ def shared_prompt_blocker(model, aux_loss_coef: float, config: Optional[DPOConfi
     return None
 
 
+# Two small pairs of uneven lengths, token ids any vocabulary holds: padding_free_probe lays them out both ways.
+PROBE_ROWS = ({"prompt_ids": [1, 2, 3, 4, 5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [9, 8]},
+              {"prompt_ids": [3, 1], "chosen_ids": [4, 4, 5], "rejected_ids": [6, 7, 8, 9, 2]})
+
+
+def padding_free_probe(model, share_prompt: bool) -> Optional[str]:
+    """Why padding-free rows would not give this model the padded layout's log-probs, found by trying:
+    PROBE_ROWS through both layouts, one forward each (in eval mode, no gradient), or None when they
+    agree. A padding-free row keeps its sequences apart only through the model's own use of position
+    ids (the masks transformers builds from them, FlashAttention's variable-length path) or raydpo's
+    sdpa segments. Some models build their mask without the position ids (OPT, under eager attention:
+    every token of the row attended to the sequences before it); their padding-free numbers would be
+    silently wrong, so the padded layout is used."""
+    from raydpo.data.batching import collate
+
+    device = next(unwrapped(model).parameters()).device
+    dtype = next(unwrapped(model).parameters()).dtype
+    training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        with torch.no_grad():
+            # against TRL's layout: two padded sequences per pair
+            padded, free = (model_completion_logps(model, collate(
+                PROBE_ROWS, 0, share_prompt=share_prompt and free, padding_free=free).to(device)).float()
+                for free in (False, True))
+    finally:
+        model.train(training)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # relative, on sums of a few tokens' log-probs
+    if torch.allclose(free, padded, rtol=tolerance, atol=tolerance):
+        return None
+    return (f"its padding-free log-probs differ from its padded ones by {float((free - padded).abs().max()):.3g} "
+            f"on a probe (its attention does not keep the sequences of a row apart by their position ids)")
+
+
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
     MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt and padding_free off, with a
     logged reason, where their layouts cannot run or would change the numbers. padding_free without a
     shared prompt takes any attention kernel (its sequences are told apart by position ids)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
-    share_prompt, padding_free = config.share_prompt, config.padding_free
-    reason = shared_prompt_blocker(model, coef, config) if share_prompt else None
-    if reason:
-        logger.warning("share_prompt is off for this model: %s; %s", reason,
-                       "padding-free rows hold two sequences per pair" if padding_free
-                       else "batches use the padded layout")
-        share_prompt = False
-    reason = gathered_blocker(model, coef) if padding_free else None
-    if reason:
-        logger.warning("padding_free is off for this model: %s; batches use the padded layout", reason)
+
+    def off(field: str, reason: Optional[str], padding_free: bool = False) -> bool:
+        if reason:
+            logger.warning("%s is off for this model: %s; %s", field, reason, "padding-free rows hold two "
+                           "sequences per pair" if padding_free else "batches use the padded layout")
+        return bool(reason)
+
+    def shares(padding_free: bool) -> bool:
+        fitted = dataclasses.replace(config, padding_free=padding_free)
+        return not off("share_prompt", shared_prompt_blocker(model, coef, fitted), padding_free)
+
+    padding_free = config.padding_free and not off("padding_free", gathered_blocker(model, coef))
+    share_prompt = config.share_prompt and shares(padding_free)
+    # Last, the layout as it will run, tried on the model; the shared prompt may hang on padding-free rows
+    # (a sliding-window model's), so it is decided again without them.
+    if padding_free and off("padding_free", padding_free_probe(model, share_prompt)):
         padding_free = False
+        share_prompt = share_prompt and shares(False)
     if (coef, share_prompt, padding_free) == (config.router_aux_loss_coef, config.share_prompt, config.padding_free):
         return config
     return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt, padding_free=padding_free)

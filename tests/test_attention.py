@@ -23,7 +23,12 @@ def test_sdpa_and_eager_keep_the_shared_prompt(tiny_model, attention, caplog):
 
 
 @pytest.mark.parametrize("attention", ["flash_attention_2", "flash_attention_3", "flex_attention"])
-def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, attention, caplog):
+def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, attention, caplog, monkeypatch):
+    import raydpo.model_loading as model_loading
+
+    # the kernels are not installed here (flex_attention compiles on a CPU): no probe forward runs; the
+    # probe's own tests are below
+    monkeypatch.setattr(model_loading, "padding_free_probe", lambda model, share_prompt: None)
     config = DPOConfig(output_dir="o")
     model = load_policy(tiny_model, config)
     model.config._attn_implementation = attention  # what from_pretrained records (its package is not installed here)
@@ -106,3 +111,48 @@ def test_layers_that_carry_state_across_sequences_keep_the_padded_layout(caplog)
         fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True), model)
     assert (fitted.share_prompt, fitted.padding_free) == (False, False)
     assert "its linear_attention layers would carry one sequence into the next" in caplog.text
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_free_is_tried_on_the_model_and_kept_only_where_it_gives_the_padded_numbers(attention, caplog):
+    """OPT builds its eager mask without the position ids: every token of a padding-free row attended to
+    the sequences before it. The probe finds it, and padding_free goes with the reason logged; under sdpa
+    the segments keep the sequences apart, and it stays."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from raydpo.data.batching import collate
+    from raydpo.logprobs import model_completion_logps
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+                                     attn_implementation=attention)).eval()
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True, share_prompt=False), model)
+    assert fitted.padding_free is (attention == "sdpa")
+    assert ("differ from its padded ones" in caplog.text) is (attention == "eager")
+    with torch.no_grad():
+        padded = model_completion_logps(model, collate(ROWS, 0))
+        free = model_completion_logps(model, collate(ROWS, 0, padding_free=True))
+    assert torch.allclose(free, padded, atol=1e-5) is (attention == "sdpa")  # what the probe saw
+    assert model.training is False  # the probe left the mode as it found it
+    model.train()
+    fit_to_model(DPOConfig(output_dir="o", padding_free=True, share_prompt=False), model)
+    assert model.training is True
+
+
+def test_a_shared_prompt_that_hangs_on_padding_free_rows_is_decided_again_without_them(monkeypatch, caplog):
+    """A sliding-window model under sdpa keeps its shared prompt only in padding-free rows: when the probe
+    turns padding_free off, the shared prompt goes too (its dense mask would ignore the window)."""
+    import raydpo.model_loading as model_loading
+
+    model = _windowed_model("sdpa")
+    config = DPOConfig(output_dir="o", padding_free=True, max_length=64)
+    assert (fit_to_model(config, model).share_prompt, fit_to_model(config, model).padding_free) == (True, True)
+    monkeypatch.setattr(model_loading, "padding_free_probe", lambda model, share_prompt: "a probe said so")
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(config, model)
+    assert (fitted.share_prompt, fitted.padding_free) == (False, False)
+    assert "padding_free is off for this model: a probe said so" in caplog.text
+    assert "share_prompt is off for this model: its sliding-window attention" in caplog.text

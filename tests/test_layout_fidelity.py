@@ -1,0 +1,44 @@
+"""Across transformers' decoder architectures, every batch layout raydpo gives a model (after
+fit_to_model's blockers and padding-free probe) has the padded two-sequence layout's log-probs (TRL's
+layout, transformers' own masks), sequences past a 4-token sliding window included; and what the
+models got is what their architecture allows. bench/layout_fidelity.py prints the table. No Ray."""
+
+import importlib.util
+import logging
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "layout_fidelity.py")
+spec = importlib.util.spec_from_file_location("layout_fidelity", BENCH)
+layout_fidelity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(layout_fidelity)
+
+# What each asks-for (share_prompt alone, padding_free alone, both) gets, by kernel: the whole set where
+# nothing stands in the way; no shared prompt past a sliding window but in padding-free rows under sdpa;
+# no padding-free rows where the probe finds sequences leaking into each other (OPT's eager mask ignores
+# position ids); no gathered layout for soft-capped or scaled logits (gemma2 eager, cohere2) or an MoE
+# aux loss (mixtral).
+EVERY = {"sdpa": ["S-", "-P", "SP"], "eager": ["S-", "-P", "SP"]}
+WINDOWED = {"sdpa": ["--", "-P", "SP"], "eager": ["--", "-P", "-P"]}
+NONE = {"sdpa": ["--", "--", "--"], "eager": ["--", "--", "--"]}
+EXPECTED = {
+    "llama": EVERY, "qwen2": EVERY, "qwen3": EVERY, "gemma": EVERY, "phi": EVERY, "gpt2": EVERY,
+    "gpt_neox": EVERY, "olmo2": EVERY, "starcoder2": EVERY, "stablelm": EVERY, "granite": EVERY,
+    "smollm3": EVERY, "glm4": EVERY,
+    "mistral": WINDOWED, "ministral": WINDOWED, "gemma3_text": WINDOWED, "olmo3": WINDOWED, "exaone4": WINDOWED,
+    "opt": {"sdpa": ["S-", "-P", "SP"], "eager": ["S-", "--", "SP"]},
+    "cohere2": NONE, "mixtral": NONE,
+}
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_every_layout_given_has_the_padded_numbers(model_type, kernel):
+    logging.disable(logging.WARNING)
+    try:
+        got = layout_fidelity.layouts(layout_fidelity.tiny_model(model_type, kernel, window=4))
+    finally:
+        logging.disable(logging.NOTSET)
+    assert [layout for layout, _ in got] == EXPECTED[model_type][kernel]
+    assert max(diff for _, diff in got) < 1e-4, got
