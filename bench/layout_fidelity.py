@@ -6,9 +6,10 @@ transformers' decoder architectures.
 For each model type: a tiny random model from a generic config (hidden 32, 2 layers; `--window` sets
 sliding_window where the config has one), under sdpa and eager. Three requests, each fitted to the model
 as a training worker fits it (`model_loading.fit_to_model`: the blockers and the padding-free probe):
-share_prompt alone, padding_free alone, both. Printed per request: the layout the model got (S: shared
-prompt, P: padding-free, -: off) and the largest difference of its summed completion log-probs from the
-padded layout's, on three pairs of uneven lengths (sequences up to 18 tokens, past a 4-token window).
+share_prompt alone, padding_free alone, both. Printed first: the largest difference of raydpo's padded layout's summed completion log-probs from
+transformers' plain forward (full logits, log-softmax, gather), on three pairs of uneven lengths
+(sequences up to 18 tokens, past a 4-token window); then per request: the layout the model got (S:
+shared prompt, P: padding-free, -: off) and the largest difference of its log-probs from the padded ones.
 Exits 1 when any layout given differs by more than 1e-4. Types whose generic config does not build are
 shown as skipped, with the reason.
 """
@@ -49,8 +50,9 @@ def tiny_model(model_type: str, kernel: str, window: Optional[int] = None):
 
 
 def layouts(model) -> List[Tuple[str, float]]:
-    """Per request of REQUESTS: the layout fit_to_model gives the model ("SP", "-P", ...) and the largest
-    difference of its summed completion log-probs on ROWS from the padded layout's."""
+    """First ("--", the largest difference of raydpo's padded layout's summed completion log-probs on ROWS
+    from transformers' plain forward); then per request of REQUESTS: the layout fit_to_model gives the
+    model ("SP", "-P", ...) and the largest difference of its log-probs from the padded layout's."""
     import torch
 
     from raydpo import DPOConfig
@@ -60,7 +62,13 @@ def layouts(model) -> List[Tuple[str, float]]:
 
     results = []
     with torch.no_grad():
-        padded = model_completion_logps(model, collate(ROWS, 0))
+        batch = collate(ROWS, 0)
+        padded = model_completion_logps(model, batch)
+        # raydpo's padded layout against transformers' own forward and a plain log-softmax gather (no
+        # logits_to_keep, no chunked head): the first row of the table's reference
+        logps = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
+        scored = logps[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0] * batch.completion_mask[:, 1:]
+        results.append(("--", float((padded - scored.sum(1)).abs().max())))
         for share_prompt, padding_free in REQUESTS:
             fitted = fit_to_model(DPOConfig(output_dir="o", share_prompt=share_prompt, padding_free=padding_free,
                                             max_length=64), model)
@@ -79,7 +87,7 @@ def main():
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # fit_to_model's reasons: the table shows what each model got
     worst = 0.0
-    print(f"{'model type':18s} {'kernel':6s} {'window':>6s}   " + "   ".join(
+    print(f"{'model type':18s} {'kernel':6s} {'window':>6s}   padded vs plain   " + "   ".join(
         f"{'S' if s else '-'}{'P' if p else '-'} asked: got, max |diff|" for s, p in REQUESTS))
     for model_type in args.types.split(","):
         for kernel in ("sdpa", "eager"):
@@ -88,10 +96,11 @@ def main():
             except Exception as error:  # noqa: BLE001 - a generic config some types do not take
                 print(f"{model_type:18s} {kernel:6s} skipped: {type(error).__name__}: {str(error)[:80]}")
                 continue
-            cells = []
-            for layout, diff in layouts(model):
-                worst = max(worst, diff)
+            (_, plain), *given = layouts(model)
+            cells = [f"{plain:.1e}".ljust(len("padded vs plain"))]
+            for layout, diff in given:
                 cells.append(f"{layout}, {diff:.1e}".ljust(len("SP asked: got, max |diff|")))
+            worst = max([worst, plain] + [diff for _, diff in given])
             window = getattr(model.config.get_text_config(), "sliding_window", None)
             print(f"{model_type:18s} {kernel:6s} {str(window):>6s}   " + "   ".join(cells), flush=True)
     print(f"largest difference of a layout given: {worst:.1e}")
