@@ -33,9 +33,16 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("head", ["logits", "chunked"])
 @pytest.mark.parametrize("kernel", ["sdpa", "eager"])
 @pytest.mark.parametrize("model_type", sorted(EXPECTED))
-def test_every_layout_given_has_the_padded_numbers(model_type, kernel):
+def test_every_layout_given_has_the_padded_numbers(model_type, kernel, head, monkeypatch):
+    """head "chunked": the LM head runs chunk by chunk on the hidden states (logprobs._fuse_head), as it
+    does for a real vocabulary, instead of through the model's logits."""
+    import raydpo.logprobs
+
+    if head == "chunked":
+        monkeypatch.setattr(raydpo.logprobs, "FUSED_HEAD_BYTES", 0)
     logging.disable(logging.WARNING)
     try:
         got = layout_fidelity.layouts(layout_fidelity.tiny_model(model_type, kernel, window=4))
