@@ -4,7 +4,9 @@ transformers' decoder architectures.
     .venv/bin/python bench/layout_fidelity.py [--window 4] [--types llama,opt,...]
 
 For each model type: a tiny random model from a generic config (hidden 32, 2 layers; `--window` sets
-sliding_window where the config has one), under sdpa and eager. Three requests, each fitted to the model
+sliding_window where the config has one), under sdpa and eager. Its weights are drawn at 0.5 scale
+(initializer_range) rather than 0.02: a model of 0.02-scale weights attends almost uniformly, so that
+positions hardly count, where a trained model's attention (and so a wrong position id) counts a lot. Three requests, each fitted to the model
 as a training worker fits it (`model_loading.fit_to_model`: the blockers and the padding-free probe):
 share_prompt alone, padding_free alone, both. Printed first: the largest difference of raydpo's padded layout's summed completion log-probs from
 transformers' plain forward (full logits, log-softmax, gather), on three pairs of uneven lengths
@@ -43,7 +45,7 @@ def tiny_model(model_type: str, kernel: str, window: Optional[int] = None):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=128, pad_token_id=0)
+                                  max_position_embeddings=128, pad_token_id=0, initializer_range=0.5)
     if window and getattr(config, "sliding_window", None):
         config.sliding_window = window
     return AutoModelForCausalLM.from_config(config, attn_implementation=kernel).eval()

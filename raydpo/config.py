@@ -213,8 +213,10 @@ class DPOConfig:
                 "flash_attention_2/3 and flex_attention fall back to the padded layout, with a logged reason), "
                 "and not for vision or MoE-with-aux-loss batches. A sliding-window model (Mistral, Gemma 3) "
                 "whose window max_length can pass also falls back, as one mask cannot carry a window, except "
-                "in padding-free rows under sdpa, where raydpo's attention applies each layer's window. The "
-                "results equal TRL's two-sequence layout (tested against TRL)."})
+                "in padding-free rows under sdpa, where raydpo's attention applies each layer's window; and "
+                "so does a model on which a probe forward of the layout differs from the padded one (one "
+                "that ignores position ids). The results equal TRL's two-sequence layout (tested against "
+                "TRL)."})
     padding_free: bool = field(default=False, metadata={
         "help": "TRL's name (TRL 1.16 falls back to padding). Every sequence of a micro-batch end to end in "
                 "one row, so no position holds a pad token: a block-diagonal attention mask keeps each pair "
@@ -226,8 +228,8 @@ class DPOConfig:
                 "off, with a logged reason. Under sdpa, raydpo's attention runs each sequence (or pair) "
                 "alone rather than the whole row under that mask, within each layer's sliding window where "
                 "the model has one. Each process tries the layout on its model first (two probe pairs, padded "
-                "and padding-free, one forward each) and turns padding_free off, with a logged reason, where "
-                "the log-probs differ (a model whose mask ignores position ids: OPT under eager attention); "
+                "and laid out, one forward each) and turns it off, with a logged reason, where the log-probs "
+                "differ (a model whose mask ignores position ids: OPT under eager attention); "
                 "also off for models whose layers carry state from one sequence into the next "
                 "(linear-attention or other layer_types than full and sliding attention). Refused for vision "
                 "rows."})

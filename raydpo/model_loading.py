@@ -201,19 +201,20 @@ def shared_prompt_blocker(model, aux_loss_coef: float, config: Optional[DPOConfi
     return None
 
 
-# Two small pairs of uneven lengths, token ids any vocabulary holds: padding_free_probe lays them out both ways.
+# Two small pairs of uneven lengths, token ids any vocabulary holds: layout_probe lays them out both ways.
 PROBE_ROWS = ({"prompt_ids": [1, 2, 3, 4, 5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [9, 8]},
               {"prompt_ids": [3, 1], "chosen_ids": [4, 4, 5], "rejected_ids": [6, 7, 8, 9, 2]})
 
 
-def padding_free_probe(model, share_prompt: bool) -> Optional[str]:
-    """Why padding-free rows would not give this model the padded layout's log-probs, found by trying:
-    PROBE_ROWS through both layouts, one forward each (in eval mode, no gradient), or None when they
-    agree. A padding-free row keeps its sequences apart only through the model's own use of position
-    ids (the masks transformers builds from them, FlashAttention's variable-length path) or raydpo's
-    sdpa segments. Some models build their mask without the position ids (OPT, under eager attention:
-    every token of the row attended to the sequences before it); their padding-free numbers would be
-    silently wrong, so the padded layout is used."""
+def layout_probe(model, share_prompt: bool, padding_free: bool) -> Optional[str]:
+    """Why this layout would not give the model the padded two-sequence layout's log-probs (TRL's), found
+    by trying: PROBE_ROWS through both, one forward each (in eval mode, no gradient), or None when they
+    agree. The gathered layouts rely on the model to honour what they hand it: the position ids (a
+    shared prompt's rejected tokens continue from the prompt; a padding-free row's sequences restart),
+    a dense mask, or raydpo's sdpa segments. A model that does not (OPT builds its eager mask without
+    the position ids, so every token of a padding-free row attended to the sequences before it; a
+    custom model that swallows position_ids in **kwargs) would be silently wrong, so the caller falls
+    back to the padded layout."""
     from raydpo.data.batching import collate
 
     device = next(unwrapped(model).parameters()).device
@@ -222,17 +223,16 @@ def padding_free_probe(model, share_prompt: bool) -> Optional[str]:
     model.eval()  # dropout would make the two forwards differ
     try:
         with torch.no_grad():
-            # against TRL's layout: two padded sequences per pair
-            padded, free = (model_completion_logps(model, collate(
-                PROBE_ROWS, 0, share_prompt=share_prompt and free, padding_free=free).to(device)).float()
-                for free in (False, True))
+            padded, laid_out = (model_completion_logps(model, collate(PROBE_ROWS, 0, **layout).to(device)).float()
+                                for layout in ({}, {"share_prompt": share_prompt, "padding_free": padding_free}))
     finally:
         model.train(training)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # relative, on sums of a few tokens' log-probs
-    if torch.allclose(free, padded, rtol=tolerance, atol=tolerance):
+    if torch.allclose(laid_out, padded, rtol=tolerance, atol=tolerance):
         return None
-    return (f"its padding-free log-probs differ from its padded ones by {float((free - padded).abs().max()):.3g} "
-            f"on a probe (its attention does not keep the sequences of a row apart by their position ids)")
+    name = " ".join(["padding-free"] * padding_free + ["shared-prompt"] * share_prompt)
+    return (f"its {name} log-probs differ from its padded ones by {float((laid_out - padded).abs().max()):.3g} "
+            f"on a probe (it does not honour the layout's position ids or attention structure)")
 
 
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
@@ -254,11 +254,20 @@ def fit_to_model(config: DPOConfig, model) -> DPOConfig:
 
     padding_free = config.padding_free and not off("padding_free", gathered_blocker(model, coef))
     share_prompt = config.share_prompt and shares(padding_free)
-    # Last, the layout as it will run, tried on the model; the shared prompt may hang on padding-free rows
-    # (a sliding-window model's), so it is decided again without them.
-    if padding_free and off("padding_free", padding_free_probe(model, share_prompt)):
-        padding_free = False
-        share_prompt = share_prompt and shares(False)
+    # Last, the layout as it will run is tried on the model (layout_probe). Where it fails, padding_free
+    # (asked for by the user) is kept without the shared prompt if that passes; else it goes, and the
+    # shared prompt, which may have hung on padding-free rows (a sliding-window model's), is decided and
+    # tried again on its own.
+    failed = layout_probe(model, share_prompt, padding_free) if share_prompt or padding_free else None
+    if failed and share_prompt and padding_free and not layout_probe(model, False, True):
+        share_prompt = not off("share_prompt", failed, padding_free=True)
+    elif failed:
+        if padding_free:
+            padding_free = not off("padding_free", failed)
+            share_prompt = config.share_prompt and shares(False)
+            failed = layout_probe(model, True, False) if share_prompt else None
+        if share_prompt and failed:
+            share_prompt = not off("share_prompt", failed)
     if (coef, share_prompt, padding_free) == (config.router_aux_loss_coef, config.share_prompt, config.padding_free):
         return config
     return dataclasses.replace(config, router_aux_loss_coef=coef, share_prompt=share_prompt, padding_free=padding_free)

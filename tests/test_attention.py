@@ -28,7 +28,7 @@ def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, at
 
     # the kernels are not installed here (flex_attention compiles on a CPU): no probe forward runs; the
     # probe's own tests are below
-    monkeypatch.setattr(model_loading, "padding_free_probe", lambda model, share_prompt: None)
+    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free: None)
     config = DPOConfig(output_dir="o")
     model = load_policy(tiny_model, config)
     model.config._attn_implementation = attention  # what from_pretrained records (its package is not installed here)
@@ -150,9 +150,39 @@ def test_a_shared_prompt_that_hangs_on_padding_free_rows_is_decided_again_withou
     model = _windowed_model("sdpa")
     config = DPOConfig(output_dir="o", padding_free=True, max_length=64)
     assert (fit_to_model(config, model).share_prompt, fit_to_model(config, model).padding_free) == (True, True)
-    monkeypatch.setattr(model_loading, "padding_free_probe", lambda model, share_prompt: "a probe said so")
+    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free: "a probe said so")
     with caplog.at_level(logging.WARNING):
         fitted = fit_to_model(config, model)
     assert (fitted.share_prompt, fitted.padding_free) == (False, False)
     assert "padding_free is off for this model: a probe said so" in caplog.text
     assert "share_prompt is off for this model: its sliding-window attention" in caplog.text
+
+
+def test_a_model_that_drops_position_ids_keeps_the_padded_layout(caplog):
+    """A model (custom code, say) that takes position ids and ignores them would give a shared prompt's
+    rejected tokens the positions after the chosen ones: the probe finds it, and the shared prompt goes
+    with the reason logged. Kept without the probe, it changes the numbers. (Weights of a trained model's
+    scale: a random model with 0.02-scale weights attends almost uniformly, where positions hardly count.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydpo.data.batching import collate
+    from raydpo.logprobs import model_completion_logps
+
+    class DropsPositionIds(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                   **kwargs)
+
+    torch.manual_seed(0)
+    model = DropsPositionIds(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         attn_implementation="sdpa", initializer_range=0.5)).eval()
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(DPOConfig(output_dir="o"), model)
+    assert fitted.share_prompt is False
+    assert "share_prompt is off for this model: its shared-prompt log-probs differ from its padded ones" in caplog.text
+    with torch.no_grad():
+        padded = model_completion_logps(model, collate(ROWS, 0))
+        shared = model_completion_logps(model, collate(ROWS, 0, share_prompt=True))
+    assert not torch.allclose(shared, padded, atol=1e-3)
