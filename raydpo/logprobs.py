@@ -11,6 +11,7 @@ completion token at position 0 is never scored (as in TRL).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ import torch
 from raydpo.data.batching import Batch
 from raydpo.loss_weights import wpo_weights
 from raydpo.losses import PairLogps
-from raydpo.segment_attention import forward_parameters, segment_kwargs
+from raydpo.segment_attention import dense_mask, forward_parameters, segment_kwargs, segments_arrive, unread_mask, watch
 
 # Elements of one float32 [N, chunk, V] slice (64 MiB): the chunk length adapts to batch and vocabulary.
 CHUNK_ELEMENTS = 2 ** 24
@@ -211,8 +212,9 @@ def _completion_view(model, batch: Batch, router_logits: bool = False) -> _Compl
                              "(share_prompt=False, padding_free=False)")
         segments = segment_kwargs(unwrapped(model), getattr(text_config(model), "_attn_implementation", None),
                                   batch.segments)  # padding-free under sdpa: attention within each sequence
-        hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=_kernel_mask(model, batch.attention_mask),
-                                position_ids=batch.position_ids, **segments)[0]
+        with watch(unwrapped(model)) if segments else contextlib.nullcontext():
+            hidden = _hidden_states(model, input_ids=batch.input_ids, attention_mask=_gathered_mask(model, batch, segments),
+                                    position_ids=batch.position_ids, **segments)[0]
         picked = hidden.reshape(-1, hidden.shape[-1])[batch.gather_index]
         view = _CompletionView(batch.side_input_ids, batch.completion_mask, batch.logp_weights)
         head = unwrapped(model).get_output_embeddings()
@@ -248,6 +250,21 @@ def first_scored_position(completion_mask: torch.Tensor) -> int:
     padded layout's LM head runs from there on (`_completion_view`; flops.py counts it the same way)."""
     scored = completion_mask[:, 1:].any(0)  # position t predicts token t + 1
     return int(scored.float().argmax()) if bool(scored.any()) else 0
+
+
+def _gathered_mask(model, batch: Batch, segments: dict) -> Optional[torch.Tensor]:
+    """A gathered batch's attention mask, in the form the model's kernel reads: a padding-free row's
+    comes from its segments (a stand-in where raydpo's sdpa has been seen to read the segments
+    themselves; the dense mask where a shared prompt's rejected tokens must skip chosen ones; else None,
+    for transformers to build from the position ids); a shared-prompt batch's is its own [B, 1, S, S]."""
+    mask = batch.attention_mask
+    if batch.segments is not None:
+        length, device = batch.input_ids.shape[1], batch.input_ids.device
+        if segments and segments_arrive(unwrapped(model)):
+            return unread_mask(length, device)
+        if any(blocked for _, _, blocked in batch.segments):
+            mask = dense_mask(batch.segments, length, device)
+    return _kernel_mask(model, mask)
 
 
 def _kernel_mask(model, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

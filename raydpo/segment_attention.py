@@ -13,16 +13,21 @@ raydpo's sdpa (`segment_sdpa`, registered under transformers' own "sdpa" name wi
 transformers' sdpa once per segment: causal without a mask (the fast kernel) where nothing is blocked,
 with the segment's own small mask otherwise.
 
-Never silently wrong: the dense mask still goes with the batch. A call without segments (every other
-forward in the process, and models that do not hand keyword arguments to their attention) is
-transformers' sdpa, unchanged, reading that mask; the segments only replace it where they arrive.
+Never silently wrong: a model's first forward with segments also gets the row's structure in the form
+its kernel reads without them (`dense_mask` with a shared prompt, else none: transformers builds it from
+the position ids), and `watch` records whether the segments reached raydpo's sdpa (a forward may take
+keyword arguments without handing them to its attention: StableLM's). Once they are seen to arrive,
+the model's forwards get a stand-in 4-D mask of one stored element instead (`unread_mask`), so that
+transformers builds no [1, 1, S, S] mask either; raydpo's sdpa never reads it. A call without segments
+is transformers' sdpa, unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +36,8 @@ SEGMENTS_KWARG = "raydpo_segments"
 Segment = Tuple[int, int, Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...]]
 
 _transformers_sdpa = None  # transformers' own sdpa_attention_forward, which segment_sdpa calls per segment
+_segment_calls = 0  # segment_sdpa's calls with segments in this process, for `watch`
+_arrive: Dict[type, bool] = {}  # model class -> whether its forward was seen handing segments to attention
 
 
 def install() -> None:
@@ -56,6 +63,8 @@ def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         return _transformers_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{SEGMENTS_KWARG} describes one padding-free row; the batch has {query.shape[0]}")
+    global _segment_calls
+    _segment_calls += 1
     # This layer's sliding window, where it has one: transformers' sdpa reads it from the mask its model
     # builds, which the segments replace, so it is applied here.
     window = kwargs.get("sliding_window")
@@ -91,12 +100,50 @@ def pair_mask(length: int, blocked: Tuple[Tuple[Tuple[int, int], Tuple[int, int]
     reached = window is not None and int(positions.max()) >= window
     if not blocked and not reached:
         return None
-    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    for (q0, q1), (k0, k1) in blocked:
-        mask[q0:q1, k0:k1] = False
+    mask = _causal_block(length, blocked, device)
     if reached:
         mask &= (positions[:, None] - positions[None, :]) < window
     return mask[None, None]
+
+
+def _causal_block(length: int, blocked, device) -> torch.Tensor:
+    """[length, length] boolean: causal, less the blocked (query range, key range) blocks (from its start)."""
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    for (q0, q1), (k0, k1) in blocked:
+        mask[q0:q1, k0:k1] = False
+    return mask
+
+
+def dense_mask(segments: Sequence[Segment], length: int, device) -> torch.Tensor:
+    """The whole row's [1, 1, length, length] boolean mask the segments describe (True: attend): each
+    segment causal within itself, less its blocked blocks. For a kernel the segments do not reach (eager
+    attention on a shared-prompt padding-free row); it costs length^2, which the segments avoid."""
+    mask = torch.zeros((1, 1, length, length), dtype=torch.bool, device=device)
+    for start, end, blocked in segments:
+        mask[0, 0, start:end, start:end] = _causal_block(
+            end - start, [((q0 - start, q1 - start), (k0 - start, k1 - start)) for (q0, q1), (k0, k1) in blocked], device)
+    return mask
+
+
+def segments_arrive(model) -> bool:
+    """Whether a forward of this model's class has been seen handing the segments on to its attention
+    (`watch`). A forward that takes keyword arguments need not pass them on (StableLM's does not)."""
+    return _arrive.get(type(model), False)
+
+
+@contextlib.contextmanager
+def watch(model):
+    """Around a forward given segments: records whether they reached raydpo's sdpa (`segments_arrive`)."""
+    before = _segment_calls
+    yield
+    _arrive[type(model)] = _segment_calls > before
+
+
+def unread_mask(length: int, device) -> torch.Tensor:
+    """A [1, 1, length, length] mask of one stored element, for a forward whose attention goes by the
+    segments: transformers hands a 4-D mask on as it is, so it builds no length^2 mask of its own, and
+    raydpo's sdpa, given the segments, never reads it."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(1, 1, length, length)
 
 
 def segment_kwargs(model, kernel: Optional[str], segments: Optional[Sequence[Segment]]) -> dict:

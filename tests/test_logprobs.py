@@ -141,9 +141,8 @@ def test_padding_free_layout_equals_two_sequences(tiny_model, share_prompt, max_
     padded = collate(rows, **options)
     free = collate(rows, **options, share_prompt=share_prompt, padding_free=True)
     assert free.layout == PADDING_FREE and free.input_ids.shape[0] == 1
-    # two sequences per pair: no mask, transformers tells them apart by their position ids (each kernel
-    # in its own form); a shared prompt needs the dense block-diagonal mask
-    assert (free.attention_mask is None) != share_prompt
+    # no mask in the batch: its segments describe the row (logprobs makes each kernel's form of them)
+    assert free.attention_mask is None and len(free.segments) == (len(rows) if share_prompt else 2 * len(rows))
     assert 0 not in free.input_ids.tolist()[0][1:]  # no pad token (0) in what the model reads
     counts_free, counts_padded = token_counts(free), token_counts(padded)
     assert counts_free[0] == counts_padded[0]  # TRL's count: prompts counted twice
@@ -175,10 +174,11 @@ def test_padding_free_sdpa_attends_within_each_segment(tiny_model, share_prompt,
     free = collate(rows, 0, padding_free=True, share_prompt=share_prompt)
     assert [end - start for start, end, _ in free.segments] == (
         [14, 8] if share_prompt else [7, 12, 6, 4])  # a pair with its prompt once, or each sequence
-    seen = []
+    seen, masks = [], []
 
     def calls(*args, **kwargs):
         seen.append(kwargs.get(segment_attention.SEGMENTS_KWARG))
+        masks.append(args[4])
         return segment_attention.segment_sdpa(*args, **kwargs)
 
     segment_attention.install()
@@ -188,11 +188,22 @@ def test_padding_free_sdpa_attends_within_each_segment(tiny_model, share_prompt,
     assert segment_attention._transformers_sdpa is sdpa_attention_forward
     seen.clear()
     segment_attention.pair_mask.cache_clear()
+    monkeypatch.setattr(segment_attention, "_arrive", {})  # this model class not seen yet
+    masks.clear()
     torch.testing.assert_close(model_completion_stats(model, free).logps, padded, rtol=1e-5, atol=1e-5)
     assert len(seen) == model.config.num_hidden_layers and all(s == free.segments for s in seen)
     # a shared-prompt pair's small mask is built once for the forward, not once per layer
-    masks = segment_attention.pair_mask.cache_info()
-    assert (masks.misses, masks.hits) == ((2, 2 * (model.config.num_hidden_layers - 1)) if share_prompt else (0, 0))
+    built = segment_attention.pair_mask.cache_info()
+    assert (built.misses, built.hits) == ((2, 2 * (model.config.num_hidden_layers - 1)) if share_prompt else (0, 0))
+    # the first forward also carried the row's structure without the segments (a dense mask, or the one
+    # transformers builds from the position ids); once the segments were seen to arrive, a stand-in of one
+    # stored element: no [1, 1, S, S] mask is built at all
+    width = free.input_ids.shape[1]
+    assert all(m.shape[-2:] == (width, width) and m.untyped_storage().nbytes() >= width * width for m in masks)
+    assert segment_attention.segments_arrive(model)
+    masks.clear()
+    torch.testing.assert_close(model_completion_stats(model, free).logps, padded, rtol=1e-5, atol=1e-5)
+    assert masks and all(m.shape[-2:] == (width, width) and m.untyped_storage().nbytes() == 1 for m in masks)
     whole_row = dataclasses.replace(free, segments=((0, free.input_ids.shape[1], ()),))
     assert not torch.allclose(model_completion_stats(model, whole_row).logps, padded, atol=1e-3)
 

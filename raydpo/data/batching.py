@@ -31,7 +31,7 @@ class Batch:
 
     layout: str  # PADDED, SHARED_PROMPT or PADDING_FREE
     input_ids: torch.Tensor  # what the model reads: [2B, T] padded, [B, S] shared_prompt, [1, S] padding_free
-    attention_mask: Optional[torch.Tensor]  # [2B, T] padded; [B or 1, 1, S, S] boolean; None: from position_ids
+    attention_mask: Optional[torch.Tensor]  # [2B, T] padded; [B, 1, S, S] boolean (shared prompt); None (padding-free)
     completion_mask: torch.Tensor  # [2B, L]: 1 on completion tokens, aligned with scored_ids
     num_tokens: int  # tokens as TRL counts them (chosen and rejected sequences' non-pad tokens: prompts twice)
     num_filled: int  # positions of input_ids that hold a token
@@ -44,7 +44,8 @@ class Batch:
     ref_logps: Optional[torch.Tensor] = None  # [2B] float64 precomputed reference log-probs, chosen first
     logp_weights: Optional[torch.Tensor] = None  # LD-DPO token weights, aligned with completion_mask
     # padding_free: each sequence's (or shared-prompt pair's) (start, end, blocked (query, key) ranges) in the
-    # row, so that sdpa attends within each alone (raydpo/segment_attention.py); attention_mask says the same
+    # row, so that sdpa attends within each alone (raydpo/segment_attention.py, which also makes other
+    # kernels' dense mask of them)
     segments: Optional[Tuple] = None
 
     @property
@@ -278,11 +279,11 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
     Each pair is its prompt+chosen and prompt+rejected sequences (truncated as `collate` truncates
     them), or with share_prompt one prompt+chosen+rejected sequence (as `collate_shared_prompt`).
     Position ids restart per sequence, and no token sees another sequence: every token sees exactly
-    what it sees in the padded layout. Without share_prompt the attention mask is None and transformers
-    builds each kernel's own form from the position ids (a block-causal mask for sdpa and eager, a
-    block mask for flex_attention, variable-length sequences for FlashAttention); with share_prompt it
-    is a dense [1, 1, S, S] block-diagonal mask (sdpa and eager only). `segments` describes the same
-    structure per sequence (or pair), for raydpo's sdpa to attend within each. Log-probs are read like the
+    what it sees in the padded layout. `segments` describes that structure per sequence (or pair), and
+    the attention mask is None: raydpo's sdpa attends within each segment; without share_prompt any
+    other kernel gets transformers' own form from the position ids (a block-causal mask for eager, a
+    block mask for flex_attention, variable-length sequences for FlashAttention); with share_prompt,
+    eager gets the dense [1, 1, S, S] mask the segments describe (segment_attention.dense_mask). Log-probs are read like the
     shared-prompt layout's (gather_index into the flat hidden states, the per-side layout).
     Images are not supported here (DPOTrainer refuses padding_free for vision rows).
     """
@@ -317,13 +318,6 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
             k = next((t for t in range(1, len(sequence)) if mask[t]), max(len(sequence), 1))
             sides[side].append((sequence[k - 1:], mask[k - 1:], [offset + t - 1 for t in range(k, len(sequence))]))
     length = len(tokens)
-    attention = None  # two sequences per pair: transformers derives the block-causal mask from position ids
-    if share_prompt:  # rejected must skip chosen inside a sequence: a mask position ids cannot express
-        attention = torch.zeros((1, 1, length, length), dtype=torch.bool)
-        for start, end, blocked in spans:
-            attention[0, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-            for (q0, q1), (k0, k1) in blocked:
-                attention[0, 0, q0:q1, k0:k1] = False
     ordered = sides["chosen_ids"] + sides["rejected_ids"]  # chosen rows first, as in `collate`
     width = max(len(side_tokens) for side_tokens, _, _ in ordered)
     side_input_ids = torch.full((len(ordered), width), pad_token_id, dtype=torch.long)
@@ -335,7 +329,10 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
         gather_index[i, :len(predictors)] = torch.tensor(predictors, dtype=torch.long)
     # TRL's count: each chosen and rejected sequence's tokens, so a shared prompt twice
     num_tokens = length + (sum(len(row["prompt_ids"]) for row in rows) if share_prompt else 0)
-    return Batch(PADDING_FREE, torch.tensor([tokens], dtype=torch.long), attention, side_completion_mask,
+    # No dense mask: the segments describe the row, and logprobs gives each kernel its form of them
+    # (raydpo's sdpa reads them; any other kernel gets segment_attention.dense_mask, or, with two
+    # sequences per pair, the mask transformers builds from the position ids).
+    return Batch(PADDING_FREE, torch.tensor([tokens], dtype=torch.long), None, side_completion_mask,
                  num_tokens=num_tokens, num_filled=length, position_ids=torch.tensor([positions], dtype=torch.long),
                  gather_index=gather_index, side_input_ids=side_input_ids, ref_logps=_reference_column(rows),
                  segments=tuple((start, end, tuple(blocked)) for start, end, blocked in spans))
