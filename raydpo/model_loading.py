@@ -221,16 +221,20 @@ def layout_probe(model, share_prompt: bool, padding_free: bool) -> Optional[str]
     dtype = next(unwrapped(model).parameters()).dtype
     training = model.training
     model.eval()  # dropout would make the two forwards differ
+    name = " ".join(["padding-free"] * padding_free + ["shared-prompt"] * share_prompt)
     try:
         with torch.no_grad():
-            padded, laid_out = (model_completion_logps(model, collate(PROBE_ROWS, 0, **layout).to(device)).float()
-                                for layout in ({}, {"share_prompt": share_prompt, "padding_free": padding_free}))
+            padded = model_completion_logps(model, collate(PROBE_ROWS, 0).to(device)).float()
+            try:  # the padded forward is the run's own; a model may refuse only the layout's inputs
+                laid_out = model_completion_logps(model, collate(
+                    PROBE_ROWS, 0, share_prompt=share_prompt, padding_free=padding_free).to(device)).float()
+            except Exception as error:  # noqa: BLE001 - any refusal means: not this layout
+                return f"its forward refuses the {name} layout's inputs ({type(error).__name__}: {error})"
     finally:
         model.train(training)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # relative, on sums of a few tokens' log-probs
     if torch.allclose(laid_out, padded, rtol=tolerance, atol=tolerance):
         return None
-    name = " ".join(["padding-free"] * padding_free + ["shared-prompt"] * share_prompt)
     return (f"its {name} log-probs differ from its padded ones by {float((laid_out - padded).abs().max()):.3g} "
             f"on a probe (it does not honour the layout's position ids or attention structure)")
 

@@ -186,3 +186,26 @@ def test_a_model_that_drops_position_ids_keeps_the_padded_layout(caplog):
         padded = model_completion_logps(model, collate(ROWS, 0))
         shared = model_completion_logps(model, collate(ROWS, 0, share_prompt=True))
     assert not torch.allclose(shared, padded, atol=1e-3)
+
+
+def test_a_model_that_refuses_the_layouts_inputs_keeps_the_padded_layout(caplog):
+    """A forward that raises on a gathered layout's inputs (here: position ids) leaves the padded layout,
+    with the model's own error in the logged reason, rather than failing the run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class RefusesPositionIds(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+            if position_ids is not None:
+                raise NotImplementedError("this model computes its own positions")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                   **kwargs)
+
+    torch.manual_seed(0)
+    model = RefusesPositionIds(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True), model)
+    assert (fitted.share_prompt, fitted.padding_free) == (False, False)
+    assert "refuses the padding-free shared-prompt layout's inputs (NotImplementedError: this model computes" in caplog.text
+    assert "refuses the shared-prompt layout's inputs" in caplog.text  # tried again on its own
