@@ -5,6 +5,7 @@ and the settings a loaded model runs with. The training workers, the reference a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from raydpo import precision
 from raydpo.config import DPOConfig
 from raydpo.logprobs import model_completion_logps, shares_prompt_safely, text_config, unwrapped
 from raydpo.losses import router_aux_loss_coef
@@ -206,7 +208,7 @@ PROBE_ROWS = ({"prompt_ids": [1, 2, 3, 4, 5, 6], "chosen_ids": [7, 8, 9], "rejec
               {"prompt_ids": [3, 1], "chosen_ids": [4, 4, 5], "rejected_ids": [6, 7, 8, 9, 2]})
 
 
-def layout_probe(model, share_prompt: bool, padding_free: bool) -> Optional[str]:
+def layout_probe(model, share_prompt: bool, padding_free: bool, config: Optional[DPOConfig] = None) -> Optional[str]:
     """Why this layout would not give the model the padded two-sequence layout's log-probs (TRL's), found
     by trying: PROBE_ROWS through both, one forward each (in eval mode, no gradient), or None when they
     agree. The gathered layouts rely on the model to honour what they hand it: the position ids (a
@@ -214,16 +216,20 @@ def layout_probe(model, share_prompt: bool, padding_free: bool) -> Optional[str]
     a dense mask, or raydpo's sdpa segments. A model that does not (OPT builds its eager mask without
     the position ids, so every token of a padding-free row attended to the sequences before it; a
     custom model that swallows position_ids in **kwargs) would be silently wrong, so the caller falls
-    back to the padded layout."""
+    back to the padded layout. With `config`, the forwards run under its autocast, as training's do
+    (FlashAttention takes no float32)."""
     from raydpo.data.batching import collate
 
     device = next(unwrapped(model).parameters()).device
     dtype = next(unwrapped(model).parameters()).dtype
+    autocast = precision.autocast(config, device) if config is not None else contextlib.nullcontext()
+    if config is not None and precision.autocast_dtype(config) is not None:
+        dtype = precision.autocast_dtype(config)
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     name = " ".join(["padding-free"] * padding_free + ["shared-prompt"] * share_prompt)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             padded = model_completion_logps(model, collate(PROBE_ROWS, 0).to(device)).float()
             try:  # the padded forward is the run's own; a model may refuse only the layout's inputs
                 laid_out = model_completion_logps(model, collate(
@@ -262,14 +268,14 @@ def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     # (asked for by the user) is kept without the shared prompt if that passes; else it goes, and the
     # shared prompt, which may have hung on padding-free rows (a sliding-window model's), is decided and
     # tried again on its own.
-    failed = layout_probe(model, share_prompt, padding_free) if share_prompt or padding_free else None
-    if failed and share_prompt and padding_free and not layout_probe(model, False, True):
+    failed = layout_probe(model, share_prompt, padding_free, config) if share_prompt or padding_free else None
+    if failed and share_prompt and padding_free and not layout_probe(model, False, True, config):
         share_prompt = not off("share_prompt", failed, padding_free=True)
     elif failed:
         if padding_free:
             padding_free = not off("padding_free", failed)
             share_prompt = config.share_prompt and shares(False)
-            failed = layout_probe(model, True, False) if share_prompt else None
+            failed = layout_probe(model, True, False, config) if share_prompt else None
         if share_prompt and failed:
             share_prompt = not off("share_prompt", failed)
     if (coef, share_prompt, padding_free) == (config.router_aux_loss_coef, config.share_prompt, config.padding_free):

@@ -28,7 +28,7 @@ def test_other_kernels_fall_back_to_the_padded_layout_and_say_why(tiny_model, at
 
     # the kernels are not installed here (flex_attention compiles on a CPU): no probe forward runs; the
     # probe's own tests are below
-    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free: None)
+    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free, config=None: None)
     config = DPOConfig(output_dir="o")
     model = load_policy(tiny_model, config)
     model.config._attn_implementation = attention  # what from_pretrained records (its package is not installed here)
@@ -113,11 +113,14 @@ def test_layers_that_carry_state_across_sequences_keep_the_padded_layout(caplog)
     assert "its linear_attention layers would carry one sequence into the next" in caplog.text
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_padding_free_is_tried_on_the_model_and_kept_only_where_it_gives_the_padded_numbers(attention, caplog):
+def test_padding_free_is_tried_on_the_model_and_kept_only_where_it_gives_the_padded_numbers(attention, bf16, caplog):
     """OPT builds its eager mask without the position ids: every token of a padding-free row attended to
     the sequences before it. The probe finds it, and padding_free goes with the reason logged; under sdpa
-    the segments keep the sequences apart, and it stays."""
+    the segments keep the sequences apart, and it stays. With bf16 the probe runs under training's
+    autocast, with its wider tolerance, and decides the same. (Weights of a trained model's scale, 0.5:
+    with 0.02-scale weights the leak is 6e-2 nats, which bf16's tolerance of 2e-2 relative would not see.)"""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -127,9 +130,9 @@ def test_padding_free_is_tried_on_the_model_and_kept_only_where_it_gives_the_pad
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
-                                     attn_implementation=attention)).eval()
+                                     attn_implementation=attention, init_std=0.5)).eval()
     with caplog.at_level(logging.WARNING):
-        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True, share_prompt=False), model)
+        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True, share_prompt=False, bf16=bf16), model)
     assert fitted.padding_free is (attention == "sdpa")
     assert ("differ from its padded ones" in caplog.text) is (attention == "eager")
     with torch.no_grad():
@@ -150,7 +153,7 @@ def test_a_shared_prompt_that_hangs_on_padding_free_rows_is_decided_again_withou
     model = _windowed_model("sdpa")
     config = DPOConfig(output_dir="o", padding_free=True, max_length=64)
     assert (fit_to_model(config, model).share_prompt, fit_to_model(config, model).padding_free) == (True, True)
-    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free: "a probe said so")
+    monkeypatch.setattr(model_loading, "layout_probe", lambda model, share_prompt, padding_free, config=None: "a probe said so")
     with caplog.at_level(logging.WARNING):
         fitted = fit_to_model(config, model)
     assert (fitted.share_prompt, fitted.padding_free) == (False, False)
