@@ -248,8 +248,9 @@ def layout_probe(model, share_prompt: bool, padding_free: bool, config: Optional
 def fit_to_model(config: DPOConfig, model) -> DPOConfig:
     """The settings this model runs with: router_aux_loss_coef resolved (TRL's rule: the field, else the
     MoE config's own; 0.0 when there is no auxiliary loss), and share_prompt and padding_free off, with a
-    logged reason, where their layouts cannot run or would change the numbers. padding_free without a
-    shared prompt takes any attention kernel (its sequences are told apart by position ids)."""
+    logged reason, where their layouts cannot run or would change the numbers: first by what the model's
+    config says (the blockers above), then by trying the layout on the model (layout_probe). padding_free
+    without a shared prompt takes any attention kernel (its sequences are told apart by position ids)."""
     coef = router_aux_loss_coef(text_config(model), config.router_aux_loss_coef)
 
     def off(field: str, reason: Optional[str], padding_free: bool = False) -> bool:
