@@ -50,3 +50,36 @@ def test_every_layout_given_has_the_padded_numbers(model_type, kernel, head, mon
         logging.disable(logging.NOTSET)
     assert [layout for layout, _ in got] == ["--"] + EXPECTED[model_type][kernel]  # "--": padded vs plain
     assert max(diff for _, diff in got) < 1e-4, got
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("model_type", sorted(EXPECTED))
+def test_the_layout_given_has_the_padded_gradients(model_type, kernel):
+    """The gradients of the summed log-probs in the layout a padding-free request gets equal the padded
+    layout's, to 1e-5 of the largest gradient (a per-parameter ratio would not do: a key projection's bias
+    has an analytically zero gradient, which each layout rounds to its own ~1e-6)."""
+    import torch
+
+    from raydpo import DPOConfig
+    from raydpo.data.batching import collate
+    from raydpo.logprobs import model_completion_logps
+    from raydpo.model_loading import fit_to_model
+
+    logging.disable(logging.WARNING)
+    try:
+        model = layout_fidelity.tiny_model(model_type, kernel, window=4)
+        fitted = fit_to_model(DPOConfig(output_dir="o", padding_free=True, max_length=64), model)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert f"{'S' if fitted.share_prompt else '-'}{'P' if fitted.padding_free else '-'}" == EXPECTED[model_type][kernel][2]
+
+    def gradients(**layout):
+        model.zero_grad(set_to_none=True)
+        model_completion_logps(model, collate(layout_fidelity.ROWS, 0, **layout)).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded = gradients()
+    laid_out = gradients(share_prompt=fitted.share_prompt, padding_free=fitted.padding_free)
+    scale = max(float(g.abs().max()) for g in padded)
+    assert len(laid_out) == len(padded)
+    assert max(float((a - b).abs().max()) for a, b in zip(laid_out, padded)) <= 1e-5 * scale
