@@ -96,6 +96,51 @@ def test_first_step_matches_trl(tiny_model, reference_model, parity_rows, tmp_pa
     assert theirs["rewards/margins"] != 0.0  # a real comparison: policy and reference differ
 
 
+@pytest.fixture(scope="module")
+def windowed_models(tiny_model, tmp_path_factory):
+    """A tiny Mistral that attends 4 positions back (every layer), and its twin with other weights, with
+    the tiny model's tokenizer: the parity rows' sequences are longer than the window."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    paths = []
+    for seed in (0, 7):
+        torch.manual_seed(seed)
+        config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                               sliding_window=4, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        directory = tmp_path_factory.mktemp(f"mistral-{seed}")
+        MistralForCausalLM(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        paths.append(str(directory))
+    return paths
+
+
+def test_sliding_window_model_matches_trl(windowed_models, parity_rows, tmp_path):
+    """With the layouts fit_to_model gives a sliding-window model (the shared prompt goes, except in
+    padding-free rows under sdpa), raydpo's first step is TRL's; the shared prompt it turned off, whose one
+    dense mask would carry no window, is not."""
+    from raydpo.model_loading import fit_to_model
+
+    policy, reference = windowed_models
+    torch.manual_seed(0)
+    rows = parity_rows[:4]
+    theirs = trl_first_step(policy, reference, rows, {"loss_type": "sigmoid"}, str(tmp_path))
+    model = load_model(policy, DPOConfig())
+    layouts = []
+    for asked in ({}, {"padding_free": True}):
+        fitted = fit_to_model(DPOConfig(max_length=32, **asked), model)
+        layouts.append((fitted.share_prompt, fitted.padding_free))
+        ours = raydpo_first_step(policy, reference, rows, {"share_prompt": fitted.share_prompt,
+                                                           "padding_free": fitted.padding_free})
+        for name in COMPARED:
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), (name, asked)
+    assert layouts == [(False, False), (True, True)]
+    unfitted = raydpo_first_step(policy, reference, rows, {})  # the dense shared-prompt mask: no window
+    assert unfitted["logps/rejected"] != pytest.approx(theirs["logps/rejected"], rel=1e-3)
+
+
 # --- bf16: TRL's single-process autocast (issue 14) ---
 
 # raydpo's bf16 against TRL's on the same step. Under autocast a matmul's bf16 rounding depends on the shapes
