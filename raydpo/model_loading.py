@@ -5,7 +5,6 @@ and the settings a loaded model runs with. The training workers, the reference a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -180,7 +179,7 @@ def gathered_blocker(model, aux_loss_coef: float) -> Optional[str]:
     return None
 
 
-def shared_prompt_blocker(model, aux_loss_coef: float, config: Optional[DPOConfig] = None) -> Optional[str]:
+def shared_prompt_blocker(model, aux_loss_coef: float, config: DPOConfig) -> Optional[str]:
     """Why this model cannot run the shared-prompt layout (prompt once, rejected masked off chosen: a
     [B, 1, S, S] mask), or None when it can. The padded layout is then used: the same numbers, more
     tokens per pair. `config` (max_length, padding_free) decides for sliding-window models."""
@@ -192,11 +191,11 @@ def shared_prompt_blocker(model, aux_loss_coef: float, config: Optional[DPOConfi
         return (f"attn_implementation={attention!r} takes no [B, 1, S, S] attention mask (only "
                 f"{' and '.join(MASK_KERNELS)} do)")
     window = sliding_window(text_config(model))
-    max_length = config.max_length if config is not None else None
+    max_length = config.max_length
     if window is not None and (max_length is None or max_length > window):
         # One [B, 1, S, S] mask goes to every layer as it is, so no layer's window would apply. Padding-free
         # rows under raydpo's sdpa are the exception: it applies each layer's window per segment.
-        segments = config is not None and config.padding_free and takes_segments(unwrapped(model), attention)
+        segments = config.padding_free and takes_segments(unwrapped(model), attention)
         if not segments:
             return (f"its sliding-window attention ({window} tokens) is not in the shared-prompt layout's "
                     f"[B, 1, S, S] mask, and max_length={max_length} lets a sequence reach past the window")
@@ -208,7 +207,7 @@ PROBE_ROWS = ({"prompt_ids": [1, 2, 3, 4, 5, 6], "chosen_ids": [7, 8, 9], "rejec
               {"prompt_ids": [3, 1], "chosen_ids": [4, 4, 5], "rejected_ids": [6, 7, 8, 9, 2]})
 
 
-def layout_probe(model, share_prompt: bool, padding_free: bool, config: Optional[DPOConfig] = None) -> Optional[str]:
+def layout_probe(model, share_prompt: bool, padding_free: bool, config: DPOConfig) -> Optional[str]:
     """Why this layout would not give the model the padded two-sequence layout's log-probs (TRL's), found
     by trying: PROBE_ROWS through both, one forward each (in eval mode, no gradient), or None when they
     agree. The gathered layouts rely on the model to honour what they hand it: the position ids (a
@@ -216,20 +215,17 @@ def layout_probe(model, share_prompt: bool, padding_free: bool, config: Optional
     a dense mask, or raydpo's sdpa segments. A model that does not (OPT builds its eager mask without
     the position ids, so every token of a padding-free row attended to the sequences before it; a
     custom model that swallows position_ids in **kwargs) would be silently wrong, so the caller falls
-    back to the padded layout. With `config`, the forwards run under its autocast, as training's do
+    back to the padded layout. The forwards run under `config`'s autocast, as training's do
     (FlashAttention takes no float32)."""
     from raydpo.data.batching import collate
 
     device = next(unwrapped(model).parameters()).device
-    dtype = next(unwrapped(model).parameters()).dtype
-    autocast = precision.autocast(config, device) if config is not None else contextlib.nullcontext()
-    if config is not None and precision.autocast_dtype(config) is not None:
-        dtype = precision.autocast_dtype(config)
+    dtype = precision.autocast_dtype(config) or next(unwrapped(model).parameters()).dtype
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     name = " ".join(["padding-free"] * padding_free + ["shared-prompt"] * share_prompt)
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), precision.autocast(config, device):
             padded = model_completion_logps(model, collate(PROBE_ROWS, 0).to(device)).float()
             try:  # the padded forward is the run's own; a model may refuse only the layout's inputs
                 laid_out = model_completion_logps(model, collate(

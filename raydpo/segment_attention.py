@@ -72,8 +72,7 @@ def segment_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     for start, end, blocked in segments:
         mask = None  # causal: transformers' sdpa passes is_causal to the kernel
         if blocked or window:  # a shared prompt's rejected tokens skip the chosen ones; a window reached
-            mask = pair_mask(end - start, tuple(((q0 - start, q1 - start), (k0 - start, k1 - start))
-                                                for (q0, q1), (k0, k1) in blocked), window, query.device)
+            mask = pair_mask(end - start, _from_start(start, blocked), window, query.device)
         part = slice(start, end)
         out, _ = _transformers_sdpa(module, query[:, :, part], key[:, :, part], value[:, :, part], mask,
                                     dropout=dropout, scaling=scaling, **kwargs)
@@ -120,9 +119,13 @@ def dense_mask(segments: Sequence[Segment], length: int, device) -> torch.Tensor
     attention on a shared-prompt padding-free row); it costs length^2, which the segments avoid."""
     mask = torch.zeros((1, 1, length, length), dtype=torch.bool, device=device)
     for start, end, blocked in segments:
-        mask[0, 0, start:end, start:end] = _causal_block(
-            end - start, [((q0 - start, q1 - start), (k0 - start, k1 - start)) for (q0, q1), (k0, k1) in blocked], device)
+        mask[0, 0, start:end, start:end] = _causal_block(end - start, _from_start(start, blocked), device)
     return mask
+
+
+def _from_start(start: int, blocked) -> Tuple[Tuple[Tuple[int, int], Tuple[int, int]], ...]:
+    """A segment's blocked (query range, key range) blocks, counted from the segment's start."""
+    return tuple(((q0 - start, q1 - start), (k0 - start, k1 - start)) for (q0, q1), (k0, k1) in blocked)
 
 
 def segments_arrive(model) -> bool:
