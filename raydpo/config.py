@@ -270,7 +270,8 @@ class DPOConfig:
                 "says otherwise is an error."})
     fp16: bool = field(default=False, metadata={
         "help": "float16 mixed precision with DeepSpeed's dynamic loss scaler: a step whose gradients "
-                "overflow is skipped (and logged), not a stop. A DeepSpeed config that says otherwise is an error."})
+                "overflow is skipped (and logged), not a stop. A DeepSpeed config that says otherwise is an error. "
+                "CPU workers need float16 arithmetic (AVX512-FP16 or AMX-FP16); elsewhere it is refused."})
     tf32: Optional[bool] = field(default=None, metadata={
         "help": "TF32 matmuls on NVIDIA Ampere or newer GPU workers (torch.backends.cuda.matmul.allow_tf32). "
                 "None leaves torch's default. Refused for CPU workers."})

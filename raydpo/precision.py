@@ -30,8 +30,14 @@ def resolve(config: DPOConfig, on_gpu: bool) -> DPOConfig:
     (`on_gpu`) or a CPU:
     - bf16=None: the DeepSpeed dict's bf16 when it sets one, else True on a bf16-capable GPU when fp16
       is off, else False;
-    - gradient_checkpointing=None: True on a GPU (TRL's default), False on a CPU."""
+    - gradient_checkpointing=None: True on a GPU (TRL's default), False on a CPU.
+    fp16 on a CPU without float16 arithmetic is refused by name."""
     bf16, checkpointing = config.bf16, config.gradient_checkpointing
+    if config.fp16 and not on_gpu and not cpu_has_fp16():
+        # DeepSpeed's CPU accelerator would refuse it too ("Type fp16 is not supported on your device"),
+        # without saying which setting or what to use instead.
+        raise ValueError("fp16=True: this CPU worker has no float16 arithmetic (oneDNN needs AVX512-FP16 or "
+                         "AMX-FP16, which DeepSpeed's CPU accelerator checks); use bf16=True, or GPU workers")
     if bf16 is None:
         bf16 = config.deepspeed_enabled("bf16")
         if bf16 is None:
@@ -41,6 +47,14 @@ def resolve(config: DPOConfig, on_gpu: bool) -> DPOConfig:
     if (bf16, checkpointing) == (config.bf16, config.gradient_checkpointing):
         return config
     return dataclasses.replace(config, bf16=bf16, gradient_checkpointing=checkpointing)
+
+
+def cpu_has_fp16() -> bool:
+    """Whether this process's CPU computes in float16 (DeepSpeed's CPU accelerator asks oneDNN the same)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast_dtype(config: DPOConfig) -> Optional[torch.dtype]:

@@ -21,6 +21,19 @@ def test_gradient_checkpointing_none_is_trls_true_on_gpus_only():
     assert precision.resolve(config(gradient_checkpointing=True), on_gpu=False).gradient_checkpointing is True
 
 
+def test_fp16_on_a_cpu_without_float16_is_refused_by_name(monkeypatch):
+    """DeepSpeed's CPU accelerator refuses fp16 where oneDNN has no float16 kernels (CPUs without
+    AVX512-FP16 or AMX-FP16); raydpo says so first, naming the field and what to use."""
+    monkeypatch.setattr(precision, "cpu_has_fp16", lambda: False)
+    with pytest.raises(ValueError, match="fp16=True: this CPU worker has no float16 arithmetic.*use bf16=True"):
+        precision.resolve(config(fp16=True), on_gpu=False)
+    assert precision.resolve(config(fp16=True), on_gpu=True).fp16 is True  # a GPU's float16 is not asked about
+    monkeypatch.setattr(precision, "cpu_has_fp16", lambda: True)
+    assert precision.resolve(config(fp16=True), on_gpu=False).fp16 is True
+    monkeypatch.undo()
+    assert precision.cpu_has_fp16() == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
 def test_bf16_none_resolves_per_device_and_follows_the_deepspeed_config(monkeypatch):
     assert config().bf16 is None  # unresolved until a process knows its device
     assert precision.resolve(config(), on_gpu=False).bf16 is False  # CPU workers stay in float32
@@ -73,7 +86,8 @@ def test_tf32_on_a_cluster_without_gpus_is_refused(fake_cluster):
     # DeepSpeed's own bf16 when its dict asks for it: bf16 weights, float32 master weights
     (dict(bf16=True, deepspeed={"bf16": {"enabled": True}}), True, False, None, torch.bfloat16),
 ])
-def test_deepspeed_sections_and_the_dtypes(options, bf16, fp16, autocast, weights):
+def test_deepspeed_sections_and_the_dtypes(options, bf16, fp16, autocast, weights, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_fp16", lambda: True)  # fp16's sections, whatever this CPU has
     resolved = precision.resolve(config(**options), on_gpu=False)
     ds = build_deepspeed_config(resolved, world_size=2)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (bf16, fp16)
