@@ -64,11 +64,15 @@ def on_this_node():
 
 def resolve_use_gpu(config):
     """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any, or its autoscaler
-    can start nodes that have them."""
+    can start nodes that have them; in local mode (num_workers=0), when this process has one."""
     if config.use_gpu is not None:
         return config
     import dataclasses
 
+    if config.num_workers == 0:  # local mode: the loop runs in this process, on its GPU if it has one
+        import torch
+
+        return dataclasses.replace(config, use_gpu=torch.cuda.is_available())
     return dataclasses.replace(config, use_gpu=capacity().get("GPU", 0) > 0)
 
 

@@ -320,7 +320,11 @@ class DPOConfig:
                 "a worker must ask for more than half a GPU, so that Ray never puts two workers on one."})
 
     # --- Ray and DeepSpeed (docs/clusters.md) ---
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers."})
+    num_workers: int = field(default=1, metadata={
+        "help": "Ray Train workers. 0 is local mode (Ray Train's num_workers=0): the loop runs in this "
+                "(the driver's) process as one worker, with no worker processes to start, for quick runs, "
+                "notebooks and debugging. Data, reference actors, checkpoints and logs work as with workers; "
+                "a failed run is not restarted (max_failures must be 0), and a sweep needs workers."})
     use_gpu: Optional[bool] = field(default=None, metadata={
         "help": "One GPU per training worker (and a GPU share per reference actor). None: GPUs when the Ray "
                 "cluster has any, or its autoscaler can start nodes that have them (when the trainer connects), "
@@ -371,8 +375,12 @@ class DPOConfig:
             if value < 0 or (value == 0 and not allow_zero):
                 raise ValueError(f"DPOConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_workers"):
+        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
             positive(name)
+        positive("num_workers", allow_zero=True)  # 0: local mode
+        if self.num_workers == 0 and self.max_failures != 0:
+            raise ValueError(f"DPOConfig.max_failures={self.max_failures} needs workers: with num_workers=0 (local "
+                             "mode) the loop runs in this process, which nothing restarts; set max_failures=0")
         self._check_step_counts()
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "num_train_epochs", "beta"):
             positive(name, allow_zero=True)
@@ -574,6 +582,11 @@ class DPOConfig:
         if save >= 1 or (save * 1_000_000) % (every * 1_000_000):  # two ratios: transformers' test
             raise ValueError(f"DPOConfig.load_best_model_at_end needs save_steps ({save}) to be a multiple of "
                              f"eval_steps ({every})")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the loop runs in: num_workers, or 1 in local mode (num_workers=0)."""
+        return max(1, self.num_workers)
 
     @property
     def eval_interval(self) -> Union[int, float]:

@@ -74,7 +74,7 @@ def _cpu_sizing(config, cluster: dict, node_cpus: Optional[List[float]] = None) 
     worker = _given(config.resources_per_worker)
     if worker is None:
         beside = actor.get("CPU", 0.0) * config.precompute_ref_num_actors if config.stream_ref_log_probs else 0.0
-        worker = {"CPU": _cpus((_cpus_for_runs(cluster) - beside) / config.num_workers)}
+        worker = {"CPU": _cpus((_cpus_for_runs(cluster) - beside) / config.world_size)}
         if node_cpus:
             worker = {"CPU": _held_share(worker["CPU"], config.num_workers, node_cpus)}
     return Sizing(worker, actor)
@@ -104,7 +104,7 @@ def _gpu_sizing(config, cluster: dict) -> Sizing:
     if spare >= 1:
         return Sizing(worker, actor or {"GPU": gpu_share(actors, spare)})
     # No GPU to spare: the actors share the workers' GPUs, `per_gpu` of them on each.
-    per_gpu = math.ceil(actors / config.num_workers)
+    per_gpu = math.ceil(actors / config.world_size)
     actor = actor or {"GPU": _floor(config.stream_ref_gpu_fraction / per_gpu)}
     if config.resources_per_worker is None and 0 < actor.get("GPU", 0.0) < 1:
         taken = per_gpu * actor["GPU"]
@@ -196,7 +196,8 @@ class _Group:
 
 
 def _groups(config, sizing: Sizing) -> Tuple[_Group, _Group]:
-    """The training workers and the reference actors, as the checks name them."""
+    """The training workers and the reference actors, as the checks name them. Local mode
+    (num_workers=0) asks Ray for no worker: the loop runs in the driver's process."""
     return (_Group(config.num_workers, sizing.worker, "num_workers", "resources_per_worker",
                    config.resources_per_worker is not None),
             _Group(config.precompute_ref_num_actors, sizing.actor, "precompute_ref_num_actors",

@@ -80,6 +80,12 @@ def copy_dir(source: str, destination: str) -> str:
     return destination
 
 
+def delete_dir(path: str) -> None:
+    """Delete a folder and everything in it, local or at a URI."""
+    fs, fs_path = resolve(path)
+    fs.delete_dir(fs_path)
+
+
 @contextlib.contextmanager
 def local_dir(path: str) -> Iterator[str]:
     """The folder `path` on this machine while the block runs: itself when local, else a downloaded copy."""

@@ -7,11 +7,26 @@ from raydpo.config import config_from_dict
 @pytest.mark.parametrize("field, value", [
     ("learning_rate", 0.0), ("beta", -1.0), ("per_device_train_batch_size", 0), ("max_steps", -5),
     ("truncation_mode", "middle"), ("lr_scheduler_type", "zigzag"), ("zero_stage", 4), ("loss_type", "nope"),
-    ("max_length", 1), ("warmup_ratio", 2.0), ("num_workers", 0), ("deepspeed", "/no/such/ds.json"),
+    ("max_length", 1), ("warmup_ratio", 2.0), ("num_workers", -1), ("deepspeed", "/no/such/ds.json"),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DPOConfig(**{field: value})
+
+
+def test_local_mode_is_one_process_that_nothing_restarts():
+    """num_workers=0 is Ray Train's local mode: one process's batches, and no restart to ask for."""
+    from raydpo.train.spec import training_plan
+
+    local = DPOConfig(num_workers=0, per_device_train_batch_size=4)
+    assert local.world_size == 1 and DPOConfig(num_workers=3).world_size == 3
+    assert training_plan(40, local) == training_plan(40, DPOConfig(num_workers=1, per_device_train_batch_size=4))
+    with pytest.raises(ValueError, match="max_failures=2 needs workers: with num_workers=0"):
+        DPOConfig(num_workers=0, max_failures=2)
+    from raydpo.tune.sweep import sweep
+
+    with pytest.raises(ValueError, match="num_workers=0 .local mode. is for single runs"):
+        sweep("model", [{"prompt": "p", "chosen": "a", "rejected": "b"}], {"beta": [0.1]}, args=local)
 
 
 def test_loss_weights_length_must_match():

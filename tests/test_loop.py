@@ -346,3 +346,30 @@ def test_streamed_reference_without_a_pool_reads_the_cached_columns():
                       tokenizer=None, pad_token_id=0, reference_pool=None)
     reference = build_reference(spec, config, {}, engine=None)
     assert isinstance(reference, StreamedReference) and reference.num_actors == 0
+
+
+def test_local_checkpoint_keeper_follows_ray_trains_rule(tmp_path):
+    """Local mode keeps checkpoints as Ray Train's CheckpointConfig would: the num_to_keep best by the score
+    attribute (NaN worst, a tie to the later one) or the newest without one, never deleting
+    the latest; the best is picked among those kept."""
+    from raydpo.train.run_context import CheckpointKeeper
+
+    def run(keeper, scores):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))  # one folder of checkpoints per keeper
+        for step, score in enumerate(scores, start=1):
+            (folder / f"checkpoint-{step}").mkdir(parents=True)
+            keeper.add(str(folder / f"checkpoint-{step}"), {} if score is None else {"eval_loss": score})
+        return sorted(int(p.name.split("-")[1]) for p in folder.iterdir())
+
+    assert run(CheckpointKeeper(2, None), [0.5, 0.4, 0.3, 0.2]) == [3, 4]  # by age
+    assert run(CheckpointKeeper(None, None), [0.5, 0.4, 0.3]) == [1, 2, 3]
+    best = CheckpointKeeper(2, "eval_loss", "min")
+    assert run(best, [0.3, 0.1, 0.2, 0.9]) == [2, 3, 4]  # the latest stays, however bad
+    assert best.best("eval_loss", "min").endswith("-2") and best.latest.endswith("-4")
+    assert run(CheckpointKeeper(1, "eval_loss", "min"), [float("nan"), 0.5, 0.4, 0.7]) == [3, 4]
+    # Ray's quirk, kept so both modes agree: a missing score is -inf before "min" negates it, so it ranks best
+    assert run(CheckpointKeeper(1, "eval_loss", "min"), [0.5, None, 0.4, 0.7]) == [2, 4]
+    assert run(CheckpointKeeper(1, "eval_loss", "max"), [0.5, None, float("nan"), 0.7]) == [4]
+    assert run(CheckpointKeeper(2, "eval_loss", "max"), [0.3, 0.3, 0.1, 0.0]) == [1, 2, 4]
+    ties = CheckpointKeeper(1, "eval_loss", "max")
+    assert run(ties, [0.3, 0.3, 0.3]) == [3]  # a tie ranks the later one higher

@@ -133,3 +133,46 @@ def test_padding_free_equals_padded_with_peft_on_two_workers(ray_session, tiny_m
     for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "num_tokens"):
         assert [row[name] for row in free] == pytest.approx([row[name] for row in padded], rel=1e-5, abs=1e-6), name
     assert all(row["padding_fraction"] == 0.0 for row in free)
+
+
+def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model, parity_rows, tmp_path):
+    """num_workers=0 (Ray Train's local mode) runs the loop in the driver's process. Every logged number
+    is the 1-worker Ray Train run's, save the timings; it keeps the same checkpoints by the same rule
+    (save_total_limit, ranked by eval loss with load_best_model_at_end) and returns the same best one,
+    whose weights are the same; and that checkpoint resumes the other way round, in a Ray Train run."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    runs, trainers = {}, {}
+    for workers in (0, 1):
+        args = config(tmp_path / str(workers), num_workers=workers, run_name="run", max_steps=4, save_steps=1,
+                      save_total_limit=2, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                      metric_for_best_model="eval_loss", report_to="none")
+        trainers[workers] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
+                                       eval_dataset=parity_rows[40:52])
+        runs[workers] = trainers[workers].train()
+    local, ray_run = runs[0], runs[1]
+    timings = {"step_time", "tokens_per_second_per_worker"}
+    assert [h["global_step"] for h in local.history] == [1, 2, 3, 4]
+    assert [{k: v for k, v in h.items() if k not in timings} for h in local.history] == \
+        [{k: v for k, v in h.items() if k not in timings} for h in ray_run.history]
+    kept = {workers: sorted(p for p in os.listdir(tmp_path / str(workers) / "run") if p.startswith("checkpoint-"))
+            for workers in (0, 1)}
+    # Ray Train's rule: the 2 best by eval loss, and the latest whatever its rank
+    assert kept[0] == kept[1] and 2 <= len(kept[0]) <= 3 and "checkpoint-4" in kept[0]
+    assert os.path.basename(local.checkpoint) == os.path.basename(ray_run.checkpoint) and local.checkpoint in [
+        str(tmp_path / "0" / "run" / name) for name in kept[0]]
+    weights = [load_file(os.path.join(run.checkpoint, "model", "model.safetensors")) for run in (local, ray_run)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
+    # no worker process: the start-up phases begin at the loop, in this process
+    assert "worker group" not in local.startup and local.startup["total"] > 0
+    # the earlier kept local checkpoint resumes in a Ray Train run, which ends where the uninterrupted one did
+    earlier = kept[0][0]
+    step = int(earlier.split("-")[1])
+    resumed = DPOTrainer(tiny_model, args=config(tmp_path / "resumed", num_workers=1, max_steps=4, save_steps=4,
+                                                 report_to="none"), train_dataset=parity_rows[:40],
+                         resume_from_checkpoint=str(tmp_path / "0" / "run" / earlier)).train()
+    assert [h["global_step"] for h in resumed.history] == list(range(step + 1, 5))
+    assert resumed.history[-1]["loss"] == pytest.approx(ray_run.history[-1]["loss"], abs=1e-6)

@@ -34,7 +34,7 @@ from raydpo.reference import PrecomputedReference, Reference, StreamedReference,
 from raydpo.train import checkpoint
 from raydpo.train.deepspeed import build_deepspeed_config, initialize_policy, zero_stage
 from raydpo.train.metrics import MetricsWindow
-from raydpo.train.run_context import RayRunContext
+from raydpo.train.run_context import CheckpointKeeper, LocalRunContext, RayRunContext
 from raydpo.train.schedule import EarlyStopping, eval_due, log_due, resolve_ratios, save_due
 from raydpo.train.spec import ResumeState, WorkerSpec
 from raydpo.train.step import dpo_step, evaluate, grad_norm, make_batch
@@ -45,11 +45,24 @@ logger = logging.getLogger(__name__)
 def train_loop_per_worker(loop_config: dict):
     """Ray Train's entry point; its train_loop_config is {"spec": WorkerSpec}."""
     spec: WorkerSpec = loop_config["spec"]
+    config = process_config(spec)
+    worker = DPOWorker.setup(spec, config, RayRunContext(spec, config))
+    worker.train()
+
+
+def train_in_process(spec: WorkerSpec, datasets: dict, run_dir: str, keeper: CheckpointKeeper) -> None:
+    """Local mode (num_workers=0): the same loop in this process, as the only worker (run_context.py)."""
+    config = process_config(spec)
+    DPOWorker.setup(spec, config, LocalRunContext(spec, config, datasets, run_dir, keeper)).train()
+
+
+def process_config(spec: WorkerSpec) -> DPOConfig:
+    """The spec's DPOConfig made definite for this process: step ratios, and bf16 / gradient checkpointing
+    for its device; TF32 set."""
     config = resolve_ratios(spec.dpo_config(), spec.plan.total_steps)
     config = precision.resolve(config, on_gpu=bool(config.use_gpu) and torch.cuda.is_available())
     precision.set_tf32(config)
-    worker = DPOWorker.setup(spec, config, RayRunContext(spec, config))
-    worker.train()
+    return config
 
 
 def build_reference(spec: WorkerSpec, config: DPOConfig, ds_config: dict, engine, resume_dir=None) -> Reference:

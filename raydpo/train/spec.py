@@ -22,12 +22,12 @@ class TrainingPlan:
 
 
 def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> TrainingPlan:
-    micro_batches = micro_batches_per_epoch(num_rows, config.num_workers, config.per_device_train_batch_size,
+    micro_batches = micro_batches_per_epoch(num_rows, config.world_size, config.per_device_train_batch_size,
                                             config.gradient_accumulation_steps)
     steps_per_epoch = micro_batches // config.gradient_accumulation_steps
     total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     # every worker runs as many eval forwards as the largest eval shard needs
-    eval_batches = micro_batches_per_epoch(num_eval_rows, config.num_workers, config.per_device_eval_batch_size, 1)
+    eval_batches = micro_batches_per_epoch(num_eval_rows, config.world_size, config.per_device_eval_batch_size, 1)
     return TrainingPlan(micro_batches, steps_per_epoch, total, eval_batches)
 
 

@@ -28,10 +28,14 @@ PHASES = [
 class StartupClock:
     """Rank 0's phase marks; other ranks note nothing. `send(history)` ships them once."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, new_process: bool = True):
+        """`new_process`: this process was started for the run (a Ray Train worker), so its start time
+        marks the end of the worker-group phase; local mode runs in the driver, which has none."""
         self.marks: Optional[Dict[str, float]] = None
         if rank == 0:
             self.marks = {"loop_start": time.time()}
+            if not new_process:
+                return
             try:
                 import psutil
 

@@ -23,10 +23,11 @@ from raydpo.train.backend import TorchBackendConfig
 from raydpo.train.callbacks import CallbackHandler
 from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
-from raydpo.train.loop import train_loop_per_worker
+from raydpo.train.loop import train_in_process, train_loop_per_worker
 from raydpo.train.model_objects import is_model_object, model_name, objects_folder, save_model_object
 from raydpo.train.history import MetricsHistory
 from raydpo.train.progress import EventPump, ProgressPrinter
+from raydpo.train.run_context import CheckpointKeeper
 from raydpo.train.startup import startup_seconds
 from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
@@ -126,15 +127,59 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()},
                                      scheduling_strategy=cluster.on_this_node()).remote(
         report_targets(config.report_to), storage.join(storage_path, run_name), run_name, tracked_config)
+    spec = WorkerSpec(
+        config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
+        pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
+        resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
+        driver_events=handler is not None,  # rank 0 also sends ("save", step) events
+        wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
+    if config.num_workers == 0:  # local mode: the loop in this process, as Ray Train's num_workers=0
+        if callbacks:
+            raise ValueError("Ray Train callbacks need workers: with num_workers=0 (local mode) no Ray Train run "
+                             "calls them; set num_workers >= 1")
+        run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode, datasets)
+    else:
+        run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks,
+                             datasets)
+    cluster.quiet_logs(config.log_level)
+    if handler is not None:
+        handler.train_begin(plan, storage.join(storage_path, run_name))
+    # One driver thread follows the run: the progress lines and, with callbacks, their events and acks
+    # (polled more often then, since workers wait on each ack).
+    pump = EventPump(lambda count: ray.get(history.events_since.remote(count)), ProgressPrinter(plan.total_steps),
+                     handler, lambda step, stop: ray.get(history.ack.remote(step, stop)),
+                     interval_s=1.0 if handler is None else 0.1)
+    try:
+        with pump:  # delivers the last events after fit(); a callback's error is raised here
+            final = run()
+    finally:
+        close_reference_pool(reference_pool)
+    rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
+    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final,
+                       startup=startup_seconds(fit_start, marks))
+
+
+def _local_run(spec: WorkerSpec, config: DPOConfig, run_dir: str, best_metric: Optional[str], best_mode: str,
+               datasets: dict):
+    """Local mode's counterpart of _ray_train_run: the loop in this process (loop.train_in_process), its
+    checkpoints kept in run_dir by Ray Train's rule (run_context.CheckpointKeeper)."""
+    keeper = CheckpointKeeper(config.save_total_limit, best_metric, best_mode)
+
+    def run() -> Optional[str]:
+        train_in_process(spec, {name: data.dataset for name, data in datasets.items()}, run_dir, keeper)
+        return keeper.best(best_metric, best_mode) if best_metric else keeper.latest
+
+    return run
+
+
+def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str, storage_path: str,
+                   best_metric: Optional[str], best_mode: str, callbacks, datasets: dict):
+    """A function that runs `spec` with Ray Train's TorchTrainer and returns the path (or URI) of its final
+    checkpoint: the best one by `best_metric`, else the latest; None when none was saved."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchBackendConfig(),  # TorchConfig's settings, without torch in the controller's start
-        train_loop_config={"spec": WorkerSpec(
-            config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
-            pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
-            resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
-            driver_events=handler is not None,  # rank 0 also sends ("save", step) events
-            wait_for_driver=handler is not None and handler.waits)},  # workers honour should_training_stop
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker=resources.worker),
@@ -160,24 +205,13 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
     # preempted node is restarted by max_failures. The watcher would be one more actor per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    cluster.quiet_logs(config.log_level)
-    if handler is not None:
-        handler.train_begin(plan, storage.join(storage_path, run_name))
-    # One driver thread follows the run: the progress lines and, with callbacks, their events and acks
-    # (polled more often then, since workers wait on each ack).
-    pump = EventPump(lambda count: ray.get(history.events_since.remote(count)), ProgressPrinter(plan.total_steps),
-                     handler, lambda step, stop: ray.get(history.ack.remote(step, stop)),
-                     interval_s=1.0 if handler is None else 0.1)
-    try:
-        with pump:  # delivers the last events after fit(); a callback's error is raised here
-            result = trainer.fit()
-    finally:
-        close_reference_pool(reference_pool)
-    rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
-    final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
-    return TrainOutput(metrics=rows[-1] if rows else {}, history=rows,
-                       checkpoint=storage.to_uri(storage_path, final.path) if final else None,
-                       startup=startup_seconds(fit_start, marks))
+
+    def run() -> Optional[str]:
+        result = trainer.fit()
+        final = result.get_best_checkpoint(best_metric, best_mode) if best_metric else result.checkpoint
+        return storage.to_uri(storage_path, final.path) if final else None
+
+    return run
 
 
 def _check_router_aux_loss(model: str, config: DPOConfig):

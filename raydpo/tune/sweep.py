@@ -144,6 +144,9 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     eval_strategy says otherwise), else train loss, minimised.
     """
     base = args or DPOConfig()
+    if base.num_workers == 0:  # a trial reports to Tune through Ray Train's TuneReportCallback, which local mode skips
+        raise ValueError("sweep: num_workers=0 (local mode) is for single runs; each sweep trial is a Ray Train run "
+                         "reporting to Tune: set num_workers >= 1")
     if eval_dataset is not None and base.eval_strategy == "no":
         base = dataclasses.replace(base, eval_strategy="steps")
     space = search_space_from_dict(search_space)
