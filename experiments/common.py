@@ -20,7 +20,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--tiny", action="store_true", help="offline: a tiny random model and ../shared/data")
     p.add_argument("--output-dir", default=None)
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: 1 tiny, 8 full)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="Ray Train workers (default: 1 tiny, 8 full); 0 runs in this process (local mode)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the run (default: 3 tiny, full epochs)")
     return p
 
@@ -62,9 +63,14 @@ def tiny_model(rows: list, directory: str = None) -> str:
     return build_tiny_model(directory, [text for row in rows for text in _strings(row)])
 
 
+def workers(args, default: int) -> int:
+    """--num-workers as given (0 too: local mode), else `default`."""
+    return args.num_workers if args.num_workers is not None else default
+
+
 def tiny_defaults(args, **config):
     """DPOConfig values for a short offline run."""
-    values = {"num_workers": args.num_workers or 1, "max_steps": args.max_steps or 3, "logging_steps": 1,
+    values = {"num_workers": workers(args, 1), "max_steps": args.max_steps or 3, "logging_steps": 1,
               "per_device_train_batch_size": 2, "max_length": 256, "learning_rate": 1e-4,
               "skip_bad_rows": True}  # real rows: a few prompts fill max_length
     values.update(config)

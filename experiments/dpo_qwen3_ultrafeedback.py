@@ -8,7 +8,7 @@ With --lora the reference is the base model with the adapter disabled (no second
 output folder is the adapter, which `peft.PeftModel.from_pretrained(base, folder)` loads.
 """
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save, workers
 
 from raydpo import DPOConfig
 
@@ -31,7 +31,7 @@ def main(argv=None):
 
         model = "Qwen/Qwen3-0.6B"
         dataset = load_dataset("trl-lib/ultrafeedback_binarized", split="train")
-        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-DPO", num_workers=args.num_workers or 8,
+        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-DPO", num_workers=workers(args, 8),
                            use_gpu=True, zero_stage=2, max_steps=args.max_steps or -1, num_train_epochs=1,
                            per_device_train_batch_size=4, gradient_accumulation_steps=2,
                            learning_rate=1e-5 if args.lora else 5e-7,  # TRL's doc: ~1e-5 for adapters

@@ -8,7 +8,7 @@ max_length=None, as the TRL doc advises for VLMs: truncation could cut image tok
 
 import tempfile
 
-from common import parser, tiny_defaults, train_and_save
+from common import parser, tiny_defaults, train_and_save, workers
 
 from raydpo import DPOConfig
 
@@ -29,7 +29,7 @@ def main(argv=None):
 
         model = "Qwen/Qwen2.5-VL-3B-Instruct"
         dataset = load_dataset("HuggingFaceH4/rlaif-v_formatted", split="train")
-        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen2.5-VL-3B-DPO", num_workers=args.num_workers or 8,
+        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen2.5-VL-3B-DPO", num_workers=workers(args, 8),
                            use_gpu=True, max_steps=args.max_steps or -1, num_train_epochs=1, learning_rate=5e-7,
                            max_length=None, per_device_train_batch_size=2, gradient_accumulation_steps=8,
                            gradient_checkpointing=True, zero_stage=3, model_init_kwargs={"dtype": "bfloat16"},

@@ -4,7 +4,7 @@
     python experiments/mpo.py --tiny     # offline: tiny model, OpenAI-format preference rows
 """
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save, workers
 
 from raydpo import DPOConfig
 
@@ -21,7 +21,7 @@ def main(argv=None):
         from datasets import load_dataset
 
         model, dataset = "Qwen/Qwen3-0.6B", load_dataset("trl-lib/ultrafeedback_binarized", split="train")
-        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-MPO", num_workers=args.num_workers or 8,
+        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-MPO", num_workers=workers(args, 8),
                            use_gpu=True, max_steps=args.max_steps or -1, num_train_epochs=1, learning_rate=5e-7,
                            model_init_kwargs={"dtype": "bfloat16"}, deepspeed={"bf16": {"enabled": True}}, **MPO)
     return train_and_save(model, config, dataset)

@@ -4,7 +4,7 @@
     python experiments/sweep_beta_loss.py --tiny   # offline: tiny model, stack-exchange pairs
 """
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, workers
 from ray import tune
 
 from raydpo import DPOConfig
@@ -28,7 +28,7 @@ def main(argv=None):
 
         model = "Qwen/Qwen3-0.6B"
         dataset = load_dataset("trl-lib/ultrafeedback_binarized", split="train[:20000]")
-        config = DPOConfig(output_dir=args.output_dir or "outputs/sweep-beta-loss", num_workers=args.num_workers or 2,
+        config = DPOConfig(output_dir=args.output_dir or "outputs/sweep-beta-loss", num_workers=workers(args, 2),
                            use_gpu=True, max_steps=args.max_steps or 500, logging_steps=25, save_steps=250,
                            learning_rate=5e-7, model_init_kwargs={"dtype": "bfloat16"},
                            deepspeed={"bf16": {"enabled": True}})

@@ -10,7 +10,7 @@ reaches the chat template, and `tool_calls` stay in the messages.
 
 import json
 
-from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save
+from common import parser, read_rows, shared_file, tiny_defaults, tiny_model, train_and_save, workers
 
 from raydpo import DPOConfig
 
@@ -34,7 +34,7 @@ def main(argv=None):
         config = DPOConfig(output_dir=args.output_dir or "outputs/tool-calling-tiny", **tiny_defaults(args))
     else:
         model = "Qwen/Qwen3-0.6B"
-        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-tools", num_workers=args.num_workers or 2,
+        config = DPOConfig(output_dir=args.output_dir or "outputs/Qwen3-0.6B-tools", num_workers=workers(args, 2),
                            use_gpu=True, max_steps=args.max_steps or -1, num_train_epochs=3, learning_rate=1e-6,
                            model_init_kwargs={"dtype": "bfloat16"}, deepspeed={"bf16": {"enabled": True}})
     return train_and_save(model, config, rows)

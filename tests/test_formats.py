@@ -372,7 +372,7 @@ def test_sharegpt_rows_train_end_to_end(ray_session, tiny_model, tmp_path):
     rows = [{"conversations": [{"from": "human", "value": f"number {i} {i + 1} {i + 2}"}],
              "chosen": {"from": "gpt", "value": "odd"}, "rejected": {"from": "gpt", "value": "even"}}
             for i in range(8)]
-    trainer = DPOTrainer(tiny_model, args=DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=1,
+    trainer = DPOTrainer(tiny_model, args=DPOConfig(output_dir=str(tmp_path), num_workers=0, max_steps=1,
                                                     logging_steps=1, per_device_train_batch_size=4, max_length=32),
                          train_dataset=rows, processing_class=tok)
     summary = trainer.train_data.summary

@@ -60,9 +60,11 @@ def test_each_loss_type_trains_without_nan(tiny_model, parity_batches, name):
             assert all(torch.isfinite(s / n) for s, n in per_token.values())
 
 
-def test_mpo_of_every_loss_on_ray(ray_session, tiny_model, parity_rows, tmp_path):
+def test_mpo_of_every_loss_trains_end_to_end(ray_session, tiny_model, parity_rows, tmp_path):
+    """Every loss at once, through DPOTrainer in local mode (num_workers=0: the same numbers as one Ray
+    Train worker, test_train_e2e.test_local_mode_is_a_one_worker_run_in_this_process)."""
     names = sorted(LOSSES)
-    config = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=2, logging_steps=1, save_steps=100,
+    config = DPOConfig(output_dir=str(tmp_path), num_workers=0, max_steps=2, logging_steps=1, save_steps=100,
                        per_device_train_batch_size=4, learning_rate=1e-3, max_length=32, label_smoothing=0.1,
                        loss_type=names, loss_weights=[1.0 / len(names)] * len(names), ld_alpha=0.5)
     out = DPOTrainer(tiny_model, args=config, train_dataset=parity_rows[:16]).train()

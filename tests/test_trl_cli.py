@@ -169,7 +169,7 @@ def test_trl_config_trains(ray_session, tiny_model, parity_rows, tmp_path, datas
     """A TRL-style config with LoRA, a local split folder as dataset_name and evaluation on its test
     split, plus Ray fields only: two steps, then the adapter is saved to output_dir."""
     path = trl_config(tmp_path, model=tiny_model, data=split_folder(tmp_path, parity_rows),
-                      extra={"num_workers": 1, "zero_stage": 0})
+                      extra={"num_workers": 0, "zero_stage": 0})  # local mode: in this process
     assert cli(["train", "--config", path, "--beta", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "done: 2 steps" in out and "eval_loss" in out
@@ -187,7 +187,7 @@ def test_trl_dpo_script_runs_on_raydpo(ray_session, tiny_model, parity_rows, tmp
                "--model_name_or_path", tiny_model, "--dataset_name", folder, "--output_dir", str(tmp_path / "out"),
                "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5.0e-7",
                "--logging_steps", "1", "--report_to", "none", "--max_length", "64", "--no_remove_unused_columns",
-               "--use_peft", "--lora_r", "8", "--lora_target_modules", "all-linear", "--num_workers", "1"]
+               "--use_peft", "--lora_r", "8", "--lora_target_modules", "all-linear", "--num_workers", "0"]  # local mode: in the script's process
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Training completed." in result.stdout and f"Model saved to {tmp_path / 'out'}." in result.stdout

@@ -175,7 +175,8 @@ BF16_STEPS = dict(learning_rate=1e-3, max_steps=3, logging_steps=1, max_length=3
 
 
 def test_bf16_steps_match_trl(ray_session, tiny_model, reference_model, parity_rows, tmp_path):
-    """Three bf16 optimizer steps through Ray (one worker, DeepSpeed's torch_autocast around the policy,
+    """Three bf16 optimizer steps in local mode (num_workers=0, one Ray Train worker's numbers: test_train_e2e;
+    DeepSpeed's torch_autocast around the policy,
     the in-worker reference under the same autocast) against TRL's single-process bf16 on the same global
     batch. Step 1 agrees as the in-process step does (its forward to 1e-5, where TRL's own fp32 run is
     5e-3 away on rewards/chosen). After it, bf16's rounding of the activations amplifies the 1e-4 by which
@@ -201,7 +202,7 @@ def test_bf16_steps_match_trl(ray_session, tiny_model, reference_model, parity_r
         return [h for h in trainer.state.log_history if "loss" in h]
 
     theirs, their_fp32 = trl(True), trl(False)
-    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=1, per_device_train_batch_size=4,
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=0, per_device_train_batch_size=4,
                        save_strategy="no", report_to="none", **BF16_STEPS)
     out = DPOTrainer(tiny_model, ref_model=reference_model, args=config, train_dataset=rows).train()
     ours = [h for h in out.history if "loss" in h]
@@ -384,7 +385,8 @@ def test_router_aux_loss_coef_follows_trl(tiny_model, tiny_moe_model, parity_row
 def test_moe_aux_loss_matches_trl(ray_session, tiny_moe_model, parity_rows, tmp_path):
     """An MoE policy with router_aux_loss_coef=0.1: the loss is DPO's plus 0.1 * the router's load-balancing
     loss, logged as aux_loss (and eval_aux_loss), and its gradient trains the router. raydpo (one worker: the
-    loss is not linear in the batch, so TRL's single process is matched by one worker; ZeRO-3) and TRL log
+    loss is not linear in the batch, so TRL's single process is matched by one process: local mode,
+    num_workers=0; ZeRO-3) and TRL log
     the same two steps and evaluation (1e-4)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -403,7 +405,7 @@ def test_moe_aux_loss_matches_trl(ray_session, tiny_moe_model, parity_rows, tmp_
     theirs = [h for h in trl.state.log_history if "loss" in h]
     their_eval = next(h for h in trl.state.log_history if "eval_loss" in h)
 
-    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=1, zero_stage=3, per_device_train_batch_size=8,
+    config = DPOConfig(output_dir=str(tmp_path / "raydpo"), num_workers=0, zero_stage=3, per_device_train_batch_size=8,
                        save_strategy="no", report_to="none", **MOE_STEPS)
     out = DPOTrainer(tiny_moe_model, args=config, train_dataset=rows, eval_dataset=eval_rows).train()
     ours = [h for h in out.history if "loss" in h]
