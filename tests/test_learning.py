@@ -12,7 +12,8 @@ def test_held_out_reward_accuracy_rises(ray_session, tiny_model, parity_rows, tm
     from raydpo.evaluate import preference_scores
 
     train_rows, held_out = parity_rows[:200], parity_rows[200:]
-    args = DPOConfig(output_dir=str(tmp_path), num_workers=2, per_device_train_batch_size=8, learning_rate=3e-3,
+    # local mode (num_workers=0: this process, one Ray Train worker's numbers), 16 pairs a step as 2 x 8 would be
+    args = DPOConfig(output_dir=str(tmp_path), num_workers=0, per_device_train_batch_size=16, learning_rate=3e-3,
                      beta=0.1, num_train_epochs=8, logging_steps=10, save_steps=1000, max_length=32,
                      lr_scheduler_type="constant")
     trainer = DPOTrainer(tiny_model, args=args, train_dataset=train_rows, eval_dataset=held_out)

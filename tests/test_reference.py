@@ -154,13 +154,14 @@ def e2e_config(tmp_path, **overrides):
     return DPOConfig(**values)
 
 
-@pytest.mark.parametrize("stage", [2, 3])  # continuing an adapter: test_trl_parity.test_continued_adapter_matches_trl
-def test_peft_trains_an_adapter_and_leaves_the_base(ray_session, tiny_model, parity_rows, tmp_path, stage):
+# continuing an adapter: test_trl_parity.test_continued_adapter_matches_trl
+@pytest.mark.parametrize("stage, workers", [(2, 0), (3, 2)])  # ZeRO-2 in local mode, ZeRO-3 sharded over 2 workers
+def test_peft_trains_an_adapter_and_leaves_the_base(ray_session, tiny_model, parity_rows, tmp_path, stage, workers):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     original = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().items()}
-    trainer = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "new", zero_stage=stage),
+    trainer = DPOTrainer(tiny_model, args=e2e_config(tmp_path / "new", zero_stage=stage, num_workers=workers),
                          train_dataset=parity_rows[:40], peft_config=lora())
     out = trainer.train()
     assert out.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B starts at 0: policy == base
