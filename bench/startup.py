@@ -1,6 +1,6 @@
 """Start-up of short runs in one warm Ray session: where the time goes before the first step.
 
-    .venv/bin/python bench/startup.py [--runs 6] [--workers 1,2] [--steps 2]
+    .venv/bin/python bench/startup.py [--runs 6] [--workers 1,2] [--steps 2]   (--workers 0: local mode)
 
 One driver, one embedded Ray session, `--runs` short `DPOTrainer(...).train()` calls back to back, as a
 notebook or a script looping over configs makes them: a tiny random Llama (hidden 64, 2 layers), 40
@@ -16,7 +16,8 @@ Per run it prints the phases of TrainOutput.startup (raydpo/train/startup.py; se
 - to step 1: the DPOTrainer constructor plus fit() until the first optimizer step's end;
 - after: the rest of train() (later steps, the checkpoint, shutting the worker group down);
 - run: the whole constructor plus train().
-The median of the warm runs' "to step 1" is the number the start-up target (15 s) is about.
+The median of the warm runs' "to step 1", per worker count, is the number the start-up target (15 s)
+is about. 0 workers is local mode (num_workers=0: the loop in this process, so no worker group).
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def main():
     print("-" * len(header))
     for i, (n, phases) in enumerate(results):
         print(f"{i:>4} {n:>7} " + " ".join(f"{phases.get(name, float('nan')):>12.2f}" for name in names))
-    warm = [phases for _, phases in results[1:]] or [results[0][1]]
-    print(f"{'median, warm runs':>12} " + " ".join(
-        f"{statistics.median(p.get(name, 0.0) for p in warm):>12.2f}" for name in names))
+    for n in workers:  # run 0 paid the session's own start; 0 workers is local mode (no worker group)
+        warm = [phases for i, (count, phases) in enumerate(results) if i and count == n]
+        if warm:
+            print(f"{f'median, warm, {n} workers':>20} " + " ".join(
+                f"{statistics.median(p.get(name, 0.0) for p in warm):>12.2f}" for name in names))
 
 
 if __name__ == "__main__":
