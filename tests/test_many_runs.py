@@ -1,4 +1,5 @@
-"""One Ray session, many runs (issue 15): trainings of every kind and a sweep back to back in one driver.
+"""One Ray session, many runs (issue 15): trainings of every kind (local mode too) and a sweep back to back
+in one driver.
 
 Every run must finish, give back its placement group and CPUs before the next one starts (a leftover
 makes a later run wait forever at "Requesting resources"), and the last run, a repeat of the first,
@@ -17,6 +18,9 @@ KINDS = [
     ("2 workers, ZeRO-3", dict(num_workers=2, zero_stage=3)),
     ("precomputed reference", dict(num_workers=1, precompute_ref_log_probs=True)),
     ("streamed reference", dict(num_workers=1, stream_ref_log_probs=True)),
+    # local mode: the loop in this (the driver's) process, one DeepSpeed engine after another in it
+    ("local mode, ZeRO-3", dict(num_workers=0, zero_stage=3)),
+    ("local mode, ZeRO-0", dict(num_workers=0, zero_stage=0)),
     ("sweep", None),
     ("1 worker, ZeRO-0 again", dict(num_workers=1, zero_stage=0)),
 ]

@@ -24,8 +24,9 @@ def config(path, **overrides):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ray_session, tiny_model, parity_rows, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    # An absurd learning rate: step 1 is finite, its update overflows the logits at step 2.
-    trainer = DPOTrainer(tiny_model, args=config(tmp_path, num_workers=1, learning_rate=1e30, max_grad_norm=0.0,
+    # An absurd learning rate: step 1 is finite, its update overflows the logits at step 2. Local mode
+    # (num_workers=0): the loop's check and the checkpoint's publication, without a worker process.
+    trainer = DPOTrainer(tiny_model, args=config(tmp_path, num_workers=0, learning_rate=1e30, max_grad_norm=0.0,
                                                  max_steps=4, save_steps=1), train_dataset=parity_rows[:16])
     with pytest.raises(Exception, match=r"non-finite (loss|grad_norm) \(.*\) at step 2"):
         trainer.train()
