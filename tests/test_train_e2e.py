@@ -142,20 +142,19 @@ def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model,
     """num_workers=0 (Ray Train's local mode) runs the loop in the driver's process. Every logged number
     is the 1-worker Ray Train run's, save the timings; it keeps the same checkpoints by the same rule
     (save_total_limit, ranked by eval loss with load_best_model_at_end) and returns the same best one,
-    whose weights are the same; and that checkpoint resumes the other way round, in a Ray Train run."""
+    whose weights are the same; and a Ray Train checkpoint resumes in local mode."""
     import os
 
     import torch
     from safetensors.torch import load_file
 
-    runs, trainers = {}, {}
+    runs = {}
     for workers in (0, 1):
         args = config(tmp_path / str(workers), num_workers=workers, run_name="run", max_steps=4, save_steps=1,
                       save_total_limit=2, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
                       metric_for_best_model="eval_loss", report_to="none")
-        trainers[workers] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
-                                       eval_dataset=parity_rows[40:52])
-        runs[workers] = trainers[workers].train()
+        runs[workers] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
+                                   eval_dataset=parity_rows[40:52]).train()
     local, ray_run = runs[0], runs[1]
     timings = {"step_time", "tokens_per_second_per_worker"}
     assert [h["global_step"] for h in local.history] == [1, 2, 3, 4]
@@ -171,11 +170,12 @@ def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model,
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
     # no worker process: the start-up phases begin at the loop, in this process
     assert "worker group" not in local.startup and local.startup["total"] > 0
-    # the earlier kept local checkpoint resumes in a Ray Train run, which ends where the uninterrupted one did
-    earlier = kept[0][0]
+    # the Ray Train run's earlier kept checkpoint resumes in local mode, which ends where both runs did
+    # (the checkpoint's files are the same code's either way: checkpoint.save)
+    earlier = kept[1][0]
     step = int(earlier.split("-")[1])
-    resumed = DPOTrainer(tiny_model, args=config(tmp_path / "resumed", num_workers=1, max_steps=4, save_steps=4,
-                                                 report_to="none"), train_dataset=parity_rows[:40],
-                         resume_from_checkpoint=str(tmp_path / "0" / "run" / earlier)).train()
+    resumed = DPOTrainer(tiny_model, args=config(tmp_path / "resumed_locally", num_workers=0, max_steps=4,
+                                                 save_steps=4, report_to="none"), train_dataset=parity_rows[:40],
+                         resume_from_checkpoint=str(tmp_path / "1" / "run" / earlier)).train()
     assert [h["global_step"] for h in resumed.history] == list(range(step + 1, 5))
     assert resumed.history[-1]["loss"] == pytest.approx(ray_run.history[-1]["loss"], abs=1e-6)

@@ -49,6 +49,15 @@ def prepare_process(config: DPOConfig, rank: int, processes_on_node: int, new_pr
     return StartupClock(rank, new_process)  # where start-up time goes (TrainOutput.startup)
 
 
+def given_checkpoint(spec: WorkerSpec) -> ContextManager[Optional[str]]:
+    """The run's resume_from_checkpoint folder while the block runs: downloaded to this node when it is a
+    URI; None for a fresh start."""
+    path = spec.resume_from_checkpoint
+    if storage.is_uri(path):
+        return storage.local_dir(path)
+    return contextlib.nullcontext(path)
+
+
 class _HistoryContext:
     """What both contexts send to the run's MetricsHistory actor (history.py): start-up marks, logged rows,
     and the driver's answer to "may I go on?"."""
@@ -108,10 +117,7 @@ class RayRunContext(_HistoryContext):
         ray_checkpoint = ray.train.get_checkpoint()
         if ray_checkpoint:
             return ray_checkpoint.as_directory()
-        path = self.spec.resume_from_checkpoint
-        if storage.is_uri(path):  # downloaded to this worker's node for the block
-            return storage.local_dir(path)
-        return contextlib.nullcontext(path)
+        return given_checkpoint(self.spec)
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
@@ -195,11 +201,8 @@ class LocalRunContext(_HistoryContext):
         return Shard.read(dataset.iterator())
 
     def resume_dir(self) -> ContextManager[Optional[str]]:
-        """resume_from_checkpoint, downloaded for the block when it is a URI (None for a fresh start)."""
-        path = self.spec.resume_from_checkpoint
-        if storage.is_uri(path):
-            return storage.local_dir(path)
-        return contextlib.nullcontext(path)
+        """resume_from_checkpoint (None for a fresh start): nothing restarts a local run."""
+        return given_checkpoint(self.spec)
 
     def report(self, metrics: dict) -> None:
         """Nothing to report to: local mode runs outside Ray Train and Tune (the history actor has the rows)."""
