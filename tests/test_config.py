@@ -27,6 +27,11 @@ def test_local_mode_is_one_process_that_nothing_restarts():
 
     with pytest.raises(ValueError, match="num_workers=0 .local mode. is for single runs"):
         sweep("model", [{"prompt": "p", "chosen": "a", "rejected": "b"}], {"beta": [0.1]}, args=local)
+    from raydpo.train.trainer import fit
+
+    # Refused before Ray is touched: no actor or pool is started for a run that cannot go on.
+    with pytest.raises(ValueError, match="Ray Train callbacks need workers: with num_workers=0"):
+        fit(local, "model", None, None, None, callbacks=[object()])
 
 
 def test_loss_weights_length_must_match():

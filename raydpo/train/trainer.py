@@ -99,6 +99,9 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     With load_best_model_at_end the returned checkpoint is the best one. `callbacks` are Ray Train's;
     `handler` delivers the run's events to transformers TrainerCallbacks on the driver (callbacks.py)."""
     fit_start = time.time()
+    if config.num_workers == 0 and callbacks:  # before any actor starts, so nothing is left behind
+        raise ValueError("Ray Train callbacks need workers: with num_workers=0 (local mode) no Ray Train run "
+                         "calls them; set num_workers >= 1")
     config = cluster.resolve_use_gpu(config)
     # Before any actor or worker starts: a request the cluster cannot hold would wait forever; refused here.
     resources = cluster.sizes(config)
@@ -134,9 +137,6 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
         driver_events=handler is not None,  # rank 0 also sends ("save", step) events
         wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
     if config.num_workers == 0:  # local mode: the loop in this process, as Ray Train's num_workers=0
-        if callbacks:
-            raise ValueError("Ray Train callbacks need workers: with num_workers=0 (local mode) no Ray Train run "
-                             "calls them; set num_workers >= 1")
         run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode, datasets)
     else:
         run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks,
