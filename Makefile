@@ -32,7 +32,7 @@ demo: install
 # session was once seen to wait forever, its driver never told that Ray Train's controller actor was
 # alive, a cause not found yet (docs/clusters.md, "Many runs in one session"). Test files that start
 # their own Ray (a multi-node cluster, `ray job submit`, the demo) run one process each.
-PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py \
+PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py tests/test_evaluate.py \
 	tests/test_docs.py tests/test_flops.py tests/test_layout_fidelity.py \
 	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py tests/test_trackers.py \
 	tests/test_training_arguments.py

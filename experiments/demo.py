@@ -40,6 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=DEMO_TASK.batch_size, help="pairs per worker per step")
     parser.add_argument("--lr", type=float, default=DEMO_TASK.learning_rate, help="constant learning rate")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--sft-weight", type=float, default=DEMO_TASK.sft_weight,
+                        help='weight of TRL\'s "sft" loss (NLL of the chosen answer) beside "sigmoid"; 0 for plain DPO, '
+                             "which can rank the pairs right while the greedy answers break")
     parser.add_argument("--eval-steps", type=int, default=DEMO_TASK.eval_steps,
                         help="score the held-out pairs every N steps, for the learning curve")
     parser.add_argument("--seed", type=int, default=42, help="seed of the generated pairs and of the run")
@@ -72,16 +75,19 @@ def main(argv=None):
     model_path = resolve_model(args.model)
     rows = load_rows(args.data) if args.data else DEMO_TASK.pairs(args.num_pairs, seed=args.seed)
     train_rows, held_out_rows = split(rows, held_out=args.held_out)
+    # TRL's multi-loss form, the weighted sum of the named losses: DPO's sigmoid plus the chosen answer's NLL
+    loss_type, loss_weights = (["sigmoid", "sft"], [1.0, args.sft_weight]) if args.sft_weight else (["sigmoid"], None)
     what = f"{os.path.basename(args.data)} rows" if args.data else f"{DEMO_TASK.name} pairs ({DEMO_TASK.description})"
     print(f"[demo] model {model_path}\n[demo] {len(train_rows)} training {what}, {len(held_out_rows)} held out\n"
           f"[demo] {args.steps} steps x {args.num_workers} workers x {args.batch_size} pairs, ZeRO-{args.zero_stage}, "
-          f"learning rate {args.lr:g}, beta {args.beta:g}", flush=True)
-
+          f"learning rate {args.lr:g}, beta {args.beta:g}, loss {loss_type} weights {loss_weights or [1.0]}", flush=True)
     config = DPOConfig(
         output_dir=args.output_dir,
         learning_rate=args.lr,
         lr_scheduler_type="constant",  # a short run: linear decay to 0 would spend half of it at a fraction of the rate
         beta=args.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=32,
         max_steps=args.steps,
@@ -102,13 +108,16 @@ def main(argv=None):
         shutil.rmtree(os.path.dirname(output.checkpoint), ignore_errors=True)  # the run folder
 
     # Held-out scoring here, with plain transformers and raydpo's own tokenization and log-probs.
-    from raydpo.evaluate import preference_scores
+    from raydpo.evaluate import greedy_answers, preference_scores
     from raydpo.tune.report import plot_run
 
     tokenizer = trainer.processing_class
     initial, trained = load_policy(model_path), load_policy(saved)
     before = preference_scores(initial, tokenizer, held_out_rows, args.beta, args.max_length)
     after = preference_scores(trained, tokenizer, held_out_rows, args.beta, args.max_length, ref_model=initial)
+    # What a user sees: the greedy answers, which preference scores alone do not show (tasks.DEMO_TASK)
+    answers_before = greedy_answers(initial, tokenizer, held_out_rows)
+    answers_after = greedy_answers(trained, tokenizer, held_out_rows)
     curve = plot_run(output.history, os.path.join(args.output_dir, "learning_curve.png"),
                      metrics=("loss", "eval_rewards/accuracies"),
                      title=f"DPO on {os.path.basename(model_path)}: train loss, held-out reward accuracy")
@@ -121,13 +130,18 @@ def main(argv=None):
           f"(chance 0.5), mean reward margin {after['reward_margin']:.4f}")
     print(f"[demo]   policy prefers the chosen answer: before {before['policy_prefers_chosen']:.3f} "
           f"-> after {after['policy_prefers_chosen']:.3f}")
+    print(f"[demo]   greedy answer is the chosen one: before {answers_before['matches_chosen']:.3f} "
+          f"-> after {answers_after['matches_chosen']:.3f}")
+    for (chosen, was), (_, now) in list(zip(answers_before["answers"], answers_after["answers"]))[:4]:
+        print(f"[demo]     chosen {chosen!r}: before {was!r} -> after {now!r}")
     print(f"[demo] the trained policy is in {saved}; load it with:")
     print(f"    from transformers import AutoModelForCausalLM, AutoTokenizer")
     print(f"    model, tokenizer = AutoModelForCausalLM.from_pretrained({saved!r}), "
           f"AutoTokenizer.from_pretrained({saved!r})")
     print(f"[demo] learning curve: {curve}")
     print(f"[demo] total time {time.time() - started:.0f}s")
-    return {"before": before, "after": after, "train": last, "history": output.history, "curve": curve}
+    return {"before": before, "after": after, "answers_before": answers_before, "answers_after": answers_after,
+            "train": last, "history": output.history, "curve": curve}
 
 
 if __name__ == "__main__":

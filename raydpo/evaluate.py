@@ -48,3 +48,29 @@ def preference_scores(model, tokenizer, rows: list, beta: float, max_length: Opt
         scores["reward_accuracy"] = (chosen_rewards > rejected_rewards).float().mean().item()
         scores["reward_margin"] = (chosen_rewards - rejected_rewards).mean().item()
     return scores
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, rows: list, max_new_tokens: int = 16) -> dict:
+    """What a user sees when they prompt the model: its greedy answer to each row's prompt (rendered as
+    training renders it), and whether that answer is the chosen completion's text (whitespace at the ends
+    ignored). Preference scores alone can rise while generation breaks: DPO can push the rejected answer
+    down faster than the chosen one up, until the greedy answer is neither.
+
+    Returns {"num_rows", "matches_chosen" (fraction), "answers": [(chosen text, greedy answer), ...]}."""
+    if not rows:
+        raise ValueError("greedy_answers needs at least one row")
+    model.eval()
+    device = next(model.parameters()).device
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for row in rows:
+        pair = normalize(row)[1]
+        prompt_ids = torch.tensor([tokenize_pair(tokenizer, pair)["prompt_ids"]], device=device)
+        output = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+        answer = tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+        chosen = "".join(m["content"] for m in pair.chosen) if pair.conversational else pair.chosen
+        answers.append((chosen.strip(), answer))
+    matches = sum(chosen == answer for chosen, answer in answers)
+    return {"num_rows": len(rows), "matches_chosen": matches / len(rows), "answers": answers}

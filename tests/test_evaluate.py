@@ -1,0 +1,31 @@
+"""raydpo.evaluate.greedy_answers, checked against transformers' own generate on the plain prompt text
+(no Ray): the answer it reports is the model's greedy continuation, and matches are counted right."""
+
+import torch
+
+
+def test_greedy_answers_are_the_models_greedy_continuations(tiny_model, parity_rows):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydpo.evaluate import greedy_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    rows = parity_rows[:6]
+
+    def oracle(prompt):  # greedy decoding of the prompt's text, as a user would call it
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    # half the rows get the model's own greedy answer as their chosen completion, half keep a parity word
+    # that the random model does not produce
+    expected = [oracle(row["prompt"]) for row in rows]
+    rows = [{**row, "chosen": " " + answer} if i % 2 == 0 else row for i, (row, answer) in enumerate(zip(rows, expected))]
+    assert all(answer not in ("even", "odd") for answer in expected[1::2]), expected
+
+    result = greedy_answers(model, tokenizer, rows, max_new_tokens=4)
+    assert [answer for _, answer in result["answers"]] == expected
+    assert [chosen for chosen, _ in result["answers"]][:2] == [expected[0], rows[1]["chosen"].strip()]
+    assert result["num_rows"] == 6 and result["matches_chosen"] == 0.5
