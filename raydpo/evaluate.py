@@ -64,8 +64,10 @@ def greedy_answers(model, tokenizer, rows: list, max_new_tokens: int = 16) -> di
     device = next(model.parameters()).device
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for row in rows:
+    for index, row in enumerate(rows):
         pair = normalize(row)[1]
+        if pair.images:  # the prompt ids alone would leave the images out and answer another question
+            raise ValueError(f"greedy_answers takes text rows; row {index} has images")
         prompt_ids = torch.tensor([tokenize_pair(tokenizer, pair)["prompt_ids"]], device=device)
         output = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)

@@ -1,6 +1,7 @@
 """raydpo.evaluate.greedy_answers, checked against transformers' own generate on the plain prompt text
 (no Ray): the answer it reports is the model's greedy continuation, and matches are counted right."""
 
+import pytest
 import torch
 
 
@@ -29,3 +30,14 @@ def test_greedy_answers_are_the_models_greedy_continuations(tiny_model, parity_r
     assert [answer for _, answer in result["answers"]] == expected
     assert [chosen for chosen, _ in result["answers"]][:2] == [expected[0], rows[1]["chosen"].strip()]
     assert result["num_rows"] == 6 and result["matches_chosen"] == 0.5
+
+
+def test_greedy_answers_refuse_vision_rows_by_row(tiny_model, parity_rows):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydpo.evaluate import greedy_answers
+    from raydpo.tasks import colour_pairs
+
+    rows = parity_rows[:2] + colour_pairs(1, conversational=False)
+    with pytest.raises(ValueError, match="row 2 has images"):
+        greedy_answers(AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model), rows)
