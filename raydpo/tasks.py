@@ -79,7 +79,7 @@ class DemoTask:
 # SmolLM2-135M-Instruct prefers the chosen case on ~70% of held-out pairs before training, but its greedy
 # answer is a chatty sentence, never the bare word. Plain DPO ("sigmoid" alone) reached reward accuracy
 # 1.0 and still broke generation: it pushed the rejected spelling down until the greedy answer to an
-# uppercase prompt was neither spelling ("KOALA" -> "KOAL", "YELLOW" -> "AXIBA"; 32 of 60 held-out
+# uppercase prompt was neither spelling ("KOALA" -> "MYAZZLAM", "YELLOW" -> "MYUFLAY"; 32 of 60 held-out
 # answers right, none in uppercase). TRL's "sft" term beside "sigmoid" (the RPO recipe, weights 1 and 1)
 # keeps the chosen answer likely: 45 of 60 right (README: make demo). The former demo task,
 # arithmetic_pairs, sits near chance (0.58) and DPO did not teach it in a few minutes.
