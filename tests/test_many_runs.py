@@ -1,51 +1,214 @@
 """One Ray session, many runs (issue 15): trainings of every kind (local mode too) and a sweep back to back
-in one driver.
+in one driver, then what each run must show.
 
-Every run must finish, give back its placement group and CPUs before the next one starts (a leftover
-makes a later run wait forever at "Requesting resources"), and the last run, a repeat of the first,
-must not start much slower than the first did."""
+`session_runs` runs them once, in order, in this module's share of the session. Every run must finish,
+give back its placement group and CPUs before the next one starts (a leftover makes a later run wait
+forever at "Requesting resources"), and the last run, a repeat of the first, must not start much slower
+than the first did. The other tests here read the runs' outputs: 2 workers under ZeRO 0/2/3 log every
+metric, the three reference modes agree, and the sweep reports. Each of those runs would otherwise be run
+again by a test of its own, paying Ray Train's start-up (~15 s) each time."""
 
+import csv
+import math
+import os
 import statistics
 
+import pytest
 from ray import tune
 
 from raydpo import DPOConfig, DPOTrainer, cluster
 from raydpo.tune import sweep
 
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "learning_rate", "grad_norm", "epoch", "global_step", "num_tokens"]
+ROWS, EVAL_ROWS = slice(0, 40), slice(200, 212)
+REFERENCE_POOL = dict(precompute_ref_batch_size=3, precompute_ref_num_actors=2, precompute_ref_cache_dir=None)
+# (kind, DPOConfig overrides); None is the sweep
+LIGHT = dict(max_steps=2, eval_strategy="no", save_strategy="no", report_to="none")  # the runs checked only for finishing
 KINDS = [
-    ("1 worker, ZeRO-0", dict(num_workers=1, zero_stage=0)),
-    ("2 workers, ZeRO-2", dict(num_workers=2, zero_stage=2)),
-    ("2 workers, ZeRO-3", dict(num_workers=2, zero_stage=3)),
-    ("precomputed reference", dict(num_workers=1, precompute_ref_log_probs=True)),
-    ("streamed reference", dict(num_workers=1, stream_ref_log_probs=True)),
+    ("1 worker, ZeRO-0", dict(num_workers=1, zero_stage=0, **LIGHT)),
+    # stage 0 also logs to MLflow (a local file store) and W&B (offline)
+    ("2 workers, ZeRO-0", dict(zero_stage=0, report_to=["tensorboard", "mlflow", "wandb"])),
+    # the three reference modes (in-worker, precomputed, streamed), each with the eval split's own reference log-probs
+    ("2 workers, ZeRO-2, in-worker reference", dict(zero_stage=2)),
+    ("2 workers, ZeRO-3, precomputed reference", dict(zero_stage=3, precompute_ref_log_probs=True,
+                                                      precompute_ref_resources={"CPU": 0.5}, **REFERENCE_POOL)),
+    ("2 workers, ZeRO-3, streamed reference", dict(zero_stage=3, stream_ref_log_probs=True,
+                                                   **REFERENCE_POOL)),  # actors sized from the cluster
     # local mode: the loop in this (the driver's) process, one DeepSpeed engine after another in it
-    ("local mode, ZeRO-3", dict(num_workers=0, zero_stage=3)),
-    ("local mode, ZeRO-0", dict(num_workers=0, zero_stage=0)),
+    ("local mode, ZeRO-3", dict(num_workers=0, zero_stage=3, **LIGHT)),
+    ("local mode, ZeRO-0", dict(num_workers=0, zero_stage=0, **LIGHT)),
     ("sweep", None),
-    ("1 worker, ZeRO-0 again", dict(num_workers=1, zero_stage=0)),
+    ("1 worker, ZeRO-0 again", dict(num_workers=1, zero_stage=0, **LIGHT)),
 ]
+TWO_WORKERS = [kind for kind, overrides in KINDS if overrides and "num_workers" not in overrides]
 
 
-def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(ray_session, tiny_model, parity_rows,
-                                                                          tmp_path):
-    rows = parity_rows[:16]
+def run_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), run_name="run", num_workers=2, max_steps=3, logging_steps=1,
+                  save_steps=100, per_device_train_batch_size=4, learning_rate=1e-3, max_length=32,
+                  eval_strategy="steps", eval_steps=3)
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+def run_sweep(tiny_model, parity_rows, tmp_path):
+    """Four trials of one Ray Train worker each, two at a time, under ASHA, tracked in MLflow."""
+    args = DPOConfig(output_dir=str(tmp_path), num_workers=1, max_steps=4, logging_steps=1, save_steps=2,
+                     per_device_train_batch_size=8, learning_rate=1e-3, max_length=32, eval_strategy="steps",
+                     eval_steps=2, report_to=["tensorboard", "mlflow"])
+    # with an eval set the sweep metric defaults to eval_rewards/accuracies (max), logged at steps 2 and 4
+    return sweep(tiny_model, parity_rows[:64], {"beta": tune.grid_search([0.1, 0.5]),
+                                                "learning_rate": {"grid_search": [1e-3, 3e-3]}},
+                 args=args, scheduler="asha", name="grid", max_concurrent_trials=2,
+                 eval_dataset=parity_rows[200:216])
+
+
+@pytest.fixture(scope="module")
+def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
+    """{kind: {"trainer", "output" (or "sweep"), "dir", "leftovers"}} of every kind in KINDS, run in order."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when asked
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for i, (kind, overrides) in enumerate(KINDS):
+            path = tmp_path_factory.mktemp(f"run{i}")
+            if overrides is None:
+                import mlflow
+
+                runs[kind] = {"sweep": run_sweep(tiny_model, parity_rows, path), "dir": path,
+                              "mlflow after": (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())}
+            else:
+                args = run_config(path, **overrides)
+                trainer = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[ROWS],
+                                     eval_dataset=parity_rows[EVAL_ROWS] if args.eval_strategy != "no" else None)
+                runs[kind] = {"trainer": trainer, "output": trainer.train(), "dir": path}
+            runs[kind]["leftovers"] = cluster.leftovers()
+    return runs
+
+
+def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(session_runs):
     to_first_step = {}
-    for i, (kind, overrides) in enumerate(KINDS):
-        args = DPOConfig(output_dir=str(tmp_path / f"run{i}"), max_steps=2, logging_steps=1, save_strategy="no",
-                         per_device_train_batch_size=4, max_length=32, learning_rate=1e-3, report_to="none",
-                         **(overrides or {}))
-        if overrides is None:
-            result = sweep(tiny_model, rows, {"beta": tune.grid_search([0.1, 0.5])}, args=args, name="sweep",
-                           max_concurrent_trials=1)
-            assert [row["status"] for row in result.table] == ["ok", "ok"], kind
-        else:
-            out = DPOTrainer(tiny_model, args=args, train_dataset=rows).train()
-            assert [h["global_step"] for h in out.history] == [1, 2], kind
-            to_first_step[kind] = out.startup["total"]
-        left = cluster.leftovers()
+    for kind, overrides in KINDS:
+        run = session_runs[kind]
+        left = run["leftovers"]
         assert not left["placement_groups"] and not left["cpus_in_use"], f"after {kind}: {left}"
+        if overrides is None:
+            assert [row["status"] for row in run["sweep"].table] == ["ok"] * 4, kind
+            continue
+        steps = run["trainer"].args.max_steps
+        assert [h["global_step"] for h in run["output"].history] == list(range(1, steps + 1)), kind
+        to_first_step[kind] = run["output"].startup["total"]
     first, last = to_first_step["1 worker, ZeRO-0"], to_first_step["1 worker, ZeRO-0 again"]
     # generous: a 2-core machine's timings vary by tens of percent; a run left waiting on resources
     # (the failure this guards) waits for minutes
     assert last < 2.5 * first + 10, to_first_step
     assert max(to_first_step.values()) < 4 * statistics.median(to_first_step.values()) + 10, to_first_step
+
+
+@pytest.mark.parametrize("kind", TWO_WORKERS)
+def test_two_workers_every_metric_finite(session_runs, kind, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the runs' MLflow file store
+    run = session_runs[kind]
+    out, path = run["output"], run["dir"]
+    assert [h["global_step"] for h in out.history] == [1, 2, 3]
+    for name in METRICS:
+        assert name in out.metrics and math.isfinite(out.metrics[name]), name
+    assert out.metrics == out.history[-1]
+    assert out.history[-1]["num_tokens"] > out.history[0]["num_tokens"] > 0
+    assert out.checkpoint and out.checkpoint.endswith("checkpoint-3")
+    # where start-up went, phase by phase (bench/startup.py prints it): every phase measured, in order
+    assert list(out.startup) == ["worker group", "imports and process group", "data shard", "model load",
+                                 "deepspeed init", "reference", "first step", "total"]
+    assert all(seconds >= 0 for seconds in out.startup.values()) and out.startup["total"] > 0
+    events = list(path.glob("*/tensorboard/events.out.tfevents.*"))
+    assert events and b"train/rewards/margins" in events[0].read_bytes()
+    if run["trainer"].args.zero_stage == 3:  # the export gathers ZeRO-3 shards: it loads with plain transformers
+        assert_saved_model_generates(run["trainer"], path / "final")
+    if "mlflow" in run["trainer"].args.report_to:
+        assert_tracked(path, out.history)
+
+
+def test_reference_modes_agree(session_runs):
+    """In-worker, precomputed and streamed reference log-probs give the same step-1 loss, rewards and eval
+    metrics on 2 workers (in-worker under ZeRO-2, the actor pools' under ZeRO-3); the eval split gets its own
+    reference log-probs."""
+    def first(kind):
+        history = session_runs[kind]["output"].history
+        return {**history[0], **{k: v for k, v in history[-1].items() if k.startswith("eval_")}}
+
+    a = first("2 workers, ZeRO-2, in-worker reference")
+    for kind in ("2 workers, ZeRO-3, precomputed reference", "2 workers, ZeRO-3, streamed reference"):
+        b = first(kind)
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                     "logps/rejected", "eval_loss", "eval_rewards/margins"):
+            assert b[name] == pytest.approx(a[name], abs=1e-5), (kind, name)
+
+
+def test_sweep_runs_trials_and_reports(session_runs, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the trials' MLflow file store
+    from raydpo.cli import main as cli
+
+    result = session_runs["sweep"]["sweep"]
+    assert len(result.table) == 4
+    assert {(row["beta"], row["learning_rate"]) for row in result.table} == {
+        (0.1, 1e-3), (0.1, 3e-3), (0.5, 1e-3), (0.5, 3e-3)}
+    assert all(row["status"] == "ok" and row["loss"] is not None for row in result.table)
+    metric = "eval_rewards/accuracies"
+    best = max(row[metric] for row in result.table)
+    assert result.best_config in [{"beta": r["beta"], "learning_rate": r["learning_rate"]}
+                                  for r in result.table if r[metric] == best]
+    with open(result.csv_path) as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert os.path.getsize(result.plot_path) > 1000
+    # report_to=mlflow in a sweep: Tune's MLflowLoggerCallback, one run per trial with its config and metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{result.results_dir}/mlruns")
+    runs = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
+    assert len(runs) == 4 and {float(r.data.params["beta"]) for r in runs} == {0.1, 0.5}
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs)
+    # Tune's callback pointed this process's MLflow at the sweep's store; the sweep gave it back, so the
+    # session's next runs (the last one here among them) log beside their own runs, not into this store
+    # (trackers.driver_mlflow_kept)
+    variable, uri = session_runs["sweep"]["mlflow after"]
+    assert variable is None and "grid" not in uri
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(result.best_model_dir)
+
+    # `raydpo report` rebuilds the table and the plot from the saved results alone.
+    os.remove(result.plot_path)
+    capsys.readouterr()
+    assert cli(["report", result.results_dir]) == 0
+    assert "<- best" in capsys.readouterr().out and os.path.exists(result.plot_path)
+
+
+def assert_tracked(tmp_path, history):
+    """The MLflow run holds every logged step of train/loss and the config; W&B wrote its offline run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file:{tmp_path}/mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydpo").experiment_id])
+    assert run.info.run_name == "run" and run.data.params["beta"] == "0.1"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [h["global_step"] for h in history]
+    assert [m.value for m in losses] == pytest.approx([h["loss"] for h in history])
+    assert list(tmp_path.glob("run/wandb/offline-run-*/run-*.wandb"))
+
+
+def assert_saved_model_generates(trainer, directory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer.save_model(str(directory))
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    inputs = tokenizer("number 1 2 3 is", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) > 0

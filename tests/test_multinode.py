@@ -241,6 +241,7 @@ def test_sweep_and_reference_cache_in_s3(ray_cluster, bucket, tiny_model, parity
     assert all(row[c] is not None for row in cached.take_all() for c in REF_COLUMNS)
 
 
+@pytest.mark.slow  # kills a node
 def test_lost_node_resumes_from_s3_on_a_node_that_joins(steady_run, ray_cluster, bucket, tiny_model, parity_rows):
     """A worker node's raylet and every process of it are killed after checkpoint-4 reached S3; a new node
     joins, and the run goes on from that checkpoint to the same end as the untouched run. The run is
