@@ -21,16 +21,21 @@ LOSSES: Dict[str, Callable] = {}
 F_DIVERGENCE_LOSSES = set()
 # Losses that sort the batch, so per-pair (WPO) weights would no longer line up with the pairs.
 SORTING_LOSSES = set()
+# Losses whose value for a pair depends on the other pairs of its micro-batch (those that sort it, and
+# sft's token mean over it): cutting a micro-batch into pieces (padding_free_max_tokens) would change them.
+WHOLE_BATCH_LOSSES = set()
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
-def register(name: str, f_divergence: bool = False, sorts_pairs: bool = False):
+def register(name: str, f_divergence: bool = False, sorts_pairs: bool = False, whole_batch: bool = False):
     def add(fn):
         LOSSES[name] = fn
         if f_divergence:
             F_DIVERGENCE_LOSSES.add(name)
         if sorts_pairs:
             SORTING_LOSSES.add(name)
+        if sorts_pairs or whole_batch:
+            WHOLE_BATCH_LOSSES.add(name)
         return fn
 
     return add
@@ -190,7 +195,7 @@ def discopop(x: PairLogps, args) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
 
 
-@register("sft", f_divergence=True)
+@register("sft", f_divergence=True, whole_batch=True)
 def sft(x: PairLogps, args) -> torch.Tensor:
     """Negative log-likelihood per chosen completion token, over the whole micro-batch (one value,
     repeated per pair so it weights and averages like the others)."""

@@ -52,6 +52,7 @@ class FakeEngine:
         self.accumulation, self.lr, self.micro_batches = accumulation, lr, 0
         self.saved_states = []
         self.skipped_steps = 0  # DeepSpeed's count of updates its fp16 loss scaler skipped
+        self.boundary = None  # set_gradient_accumulation_boundary's override, as DeepSpeed keeps it
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -60,9 +61,13 @@ class FakeEngine:
         self.events.append("micro_batch")
         (loss / self.accumulation).backward()
 
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.boundary = is_boundary
+
     def step(self):
         self.micro_batches += 1
-        if self.micro_batches % self.accumulation == 0:  # plain SGD (torch.optim's first use imports seconds)
+        boundary = self.micro_batches % self.accumulation == 0 if self.boundary is None else self.boundary
+        if boundary:  # plain SGD (torch.optim's first use imports seconds)
             with torch.no_grad():
                 for param in self.module.parameters():
                     param -= self.lr * param.grad
@@ -83,6 +88,20 @@ class FakeEngine:
 
     def save_checkpoint(self, directory, tag, client_state):
         self.saved_states.append(client_state)
+
+
+class LlamaEngine(FakeEngine):
+    """The fake engine around a real (tiny, random) Llama: the padding-free layout runs its decoder and
+    head apart, with position ids, which TinyLM has not."""
+
+    def __init__(self, events: list, accumulation: int):
+        from transformers import LlamaForCausalLM
+
+        super().__init__(events, accumulation)
+        torch.manual_seed(0)
+        self.module = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                                   num_hidden_layers=1, num_attention_heads=2,
+                                                   num_key_value_heads=2, attn_implementation="sdpa"))
 
 
 class OverflowingEngine(FakeEngine):
@@ -278,6 +297,30 @@ def test_accumulation_boundaries():
     for before, row in zip([0.0] + [r["num_tokens"] for r in run.context.logged], run.context.logged):
         tokens = row["num_tokens"] - before
         assert tokens > 0 and row["tokens_per_second_per_worker"] == pytest.approx(tokens / row["step_time"], rel=1e-6)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_a_token_budget_cuts_micro_batches_into_pieces_and_steps_alike(share_prompt):
+    """padding_free_max_tokens: each micro-batch of 3 pairs runs in pieces of at most 14 tokens (a pair is
+    9-11 of them in two sequences, 7-9 with its prompt shared), and every logged number and the final
+    weights are the uncut run's; gradient accumulation's boundaries still fall after each third micro-batch."""
+    runs = {}
+    for budget in (None, 14):
+        run = worker(num_rows=12, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=3,
+                     padding_free=True, padding_free_max_tokens=budget, share_prompt=share_prompt, engine=LlamaEngine)
+        run.train()
+        runs[budget] = run
+    whole, cut = runs[None], runs[14]
+    pieces = 2 if share_prompt else 3  # 7-9 tokens: 1 + 2 pairs or 2 + 1; 9-11: one pair a piece
+    step = ["micro_batch"] * (2 * pieces) + ["optimizer_step"]
+    assert cut.context.events == step + [("log", 1, False), ("report", 1)] + step + [("log", 2, False), ("report", 2)]
+    assert whole.context.events.count("micro_batch") == 4
+    assert len(whole.context.logged) == len(cut.context.logged) == 2
+    for a, b in zip(whole.context.logged, cut.context.logged):
+        for name in set(a) - {"step_time", "tokens_per_second_per_worker"}:
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
+    for name, value in whole.engine.module.state_dict().items():
+        torch.testing.assert_close(cut.engine.module.state_dict()[name], value, rtol=0, atol=1e-7)
 
 
 def test_fp16_overflow_skips_the_update_and_goes_on():

@@ -67,21 +67,34 @@ def test_mixed_precision_bf16_and_fp16_on_cpu_workers(ray_session, tiny_model, p
 def test_padding_free_equals_padded_with_peft_on_two_workers(ray_session, tiny_model, parity_rows, tmp_path):
     """padding_free through Ray: 2 workers (ZeRO-2), a LoRA adapter (the reference: the base, adapters
     off), shared prompts, LD-DPO weights; every logged step equals the padded run's within 1e-5, and its
-    batches hold no padding."""
+    batches hold no padding. So does a run whose micro-batches of 4 pairs are cut by a token budget
+    (padding_free_max_tokens) of about two pairs, into pieces the two workers run as many of."""
     from peft import LoraConfig
+    from transformers import AutoTokenizer
 
+    from raydpo.data.batching import padding_free_lengths
+    from raydpo.data.tokenize import tokenize_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lengths = padding_free_lengths([tokenize_row(tokenizer, row) for row in parity_rows[:40]], 32, share_prompt=True)
+    budget = 2 * sorted(lengths)[len(lengths) // 2]
+    assert 4 * min(lengths) > budget  # every micro-batch is cut
     runs = {}
-    for padding_free in (False, True):
-        args = config(tmp_path / str(padding_free), max_steps=3, save_strategy="no", report_to="none",
-                      ld_alpha=0.5, padding_free=padding_free)
+    for name, options in {"padded": {}, "free": dict(padding_free=True),
+                          "budget": dict(padding_free=True, padding_free_max_tokens=budget)}.items():
+        args = config(tmp_path / name, max_steps=3, save_strategy="no", report_to="none", ld_alpha=0.5, **options)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-        runs[padding_free] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
-                                        peft_config=lora).train().history
-    padded, free = runs[False], runs[True]
-    assert [row["global_step"] for row in free] == [1, 2, 3]
-    for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "num_tokens"):
-        assert [row[name] for row in free] == pytest.approx([row[name] for row in padded], rel=1e-5, abs=1e-6), name
-    assert all(row["padding_fraction"] == 0.0 for row in free)
+        runs[name] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
+                                peft_config=lora).train().history
+    padded = runs["padded"]
+    for name in ("free", "budget"):
+        free = runs[name]
+        assert [row["global_step"] for row in free] == [1, 2, 3]
+        for metric in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy",
+                       "num_tokens"):
+            assert [row[metric] for row in free] == pytest.approx([row[metric] for row in padded], rel=1e-5,
+                                                                  abs=1e-6), (name, metric)
+        assert all(row["padding_fraction"] == 0.0 for row in free)
 
 
 def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model, parity_rows, tmp_path):

@@ -336,3 +336,41 @@ def collate_padding_free(rows: Sequence[dict], pad_token_id: int, max_length: Op
                  num_tokens=num_tokens, num_filled=length, position_ids=torch.tensor([positions], dtype=torch.long),
                  gather_index=gather_index, side_input_ids=side_input_ids, ref_logps=_reference_column(rows),
                  segments=tuple((start, end, tuple(blocked)) for start, end, blocked in spans))
+
+
+def padding_free_lengths(rows: Sequence[dict], max_length: Optional[int] = None, truncation_mode: str = "keep_start",
+                         share_prompt: bool = False) -> List[int]:
+    """Each pair's tokens in `collate_padding_free`'s row of these rows: its two truncated sequences, or
+    with share_prompt (where `collate` shares the rows' prompts) its prompt, chosen and rejected once."""
+    if share_prompt and can_share_prompt(rows, max_length, truncation_mode):
+        return [SharedPromptPair.of(row, max_length).length for row in rows]
+    return [sum(len(truncate(list(row["prompt_ids"]) + list(row[side]), max_length, truncation_mode))
+                for side in ("chosen_ids", "rejected_ids")) for row in rows]
+
+
+def pieces_needed(lengths: Sequence[int], max_tokens: int) -> int:
+    """How many contiguous pieces hold pairs of these lengths with at most max_tokens each (a pair longer
+    than that is a piece alone)."""
+    pieces, filled = 0, None
+    for length in lengths:
+        if filled is None or filled + length > max_tokens:
+            pieces, filled = pieces + 1, length
+        else:
+            filled += length
+    return pieces
+
+
+def cut_pairs(lengths: Sequence[int], pieces: int, max_tokens: int) -> List[range]:
+    """Exactly `pieces` contiguous, non-empty ranges of pair indices, in order, each within max_tokens (or
+    one pair longer than it), for any `pieces` from `pieces_needed(lengths, max_tokens)` to len(lengths):
+    pieces fill up to the budget, and close early only where the pairs left are as many as the pieces left."""
+    if not pieces_needed(lengths, max_tokens) <= pieces <= len(lengths):
+        raise ValueError(f"{len(lengths)} pairs cannot be cut into {pieces} pieces of at most {max_tokens} tokens")
+    cuts, start, filled = [], 0, 0
+    for i, length in enumerate(lengths):
+        pieces_after = pieces - len(cuts) - 1  # pieces still to start after the current one
+        if i > start and pieces_after and (filled + length > max_tokens or len(lengths) - i == pieces_after):
+            cuts.append(range(start, i))
+            start, filled = i, 0
+        filled += length
+    return cuts + [range(start, len(lengths))]

@@ -23,10 +23,11 @@ from typing import Iterator, List, Optional
 
 import ray
 import torch
+import torch.distributed as dist
 
 from raydpo import flops, precision
 from raydpo.config import DPOConfig
-from raydpo.data.batching import epoch_order, token_counts
+from raydpo.data.batching import cut_pairs, epoch_order, padding_free_lengths, pieces_needed, token_counts
 from raydpo.data.shard import Shard
 from raydpo.logprobs import text_config
 from raydpo.model_loading import continued_adapter, fit_to_model, load_policy
@@ -115,6 +116,10 @@ class DPOWorker:
         engine = initialize_policy(policy, ds_config, config, spec.plan.total_steps)
         context.startup_mark("deepspeed")
         config = fit_to_model(config, engine)
+        if config.padding_free_max_tokens and config.router_aux_loss_coef:  # resolved for the model just now
+            raise ValueError("DPOConfig.padding_free_max_tokens cannot be combined with an MoE load-balancing loss "
+                             f"(router_aux_loss_coef {config.router_aux_loss_coef}): it is taken over the whole "
+                             "micro-batch; set router_aux_loss_coef=0.0 or padding_free_max_tokens=None")
         resume = ResumeState()
         with context.resume_dir() as directory:
             reference = build_reference(spec, config, ds_config, engine, directory)
@@ -158,19 +163,27 @@ class DPOWorker:
 
     def train_micro_batch(self, rows: List[dict], boundary: bool) -> Optional[float]:
         """Forward, backward and DeepSpeed's step (which steps the optimizer at an accumulation
-        boundary). Returns the gradient norm at a boundary, else None."""
-        batch = make_batch(rows, self.config, self.spec.tokenizer, self.spec.pad_token_id)
-        loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
-        _require_finite("loss", float(loss.detach()), self.step + 1)  # unscaled: backward applies fp16's scale
-        self.engine.backward(loss)
-        # float32 weights (bf16's autocast included) without ZeRO: DeepSpeed clips but does not keep the
-        # norm, so measure it before the step. Its mixed-precision optimizers keep it (unscaled), as ZeRO does.
-        measure = (boundary and zero_stage(self.ds_config) == 0
-                   and precision.weights_dtype(self.config) == torch.float32)
-        unclipped = grad_norm(self.engine.module) if measure else None
-        skipped_before = self.engine.skipped_steps
-        self.engine.step()
-        self.window.add(loss, per_pair, per_token, token_counts(batch), self._flops(rows, batch))
+        boundary), for each piece of the micro-batch (`pieces`). Returns the gradient norm at a boundary,
+        else None."""
+        pieces = self.pieces(rows)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if self.config.padding_free_max_tokens:  # DeepSpeed would count each piece as a micro-batch
+                self.engine.set_gradient_accumulation_boundary(boundary and last)
+            batch = make_batch(piece, self.config, self.spec.tokenizer, self.spec.pad_token_id)
+            loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
+            if len(pieces) > 1:  # each pair counts as it does in the whole micro-batch's mean
+                loss = loss * (len(piece) / len(rows))
+            _require_finite("loss", float(loss.detach()), self.step + 1)  # unscaled: backward applies fp16's scale
+            self.engine.backward(loss)
+            # float32 weights (bf16's autocast included) without ZeRO: DeepSpeed clips but does not keep the
+            # norm, so measure it before the step. Its mixed-precision optimizers keep it (unscaled), as ZeRO does.
+            measure = (boundary and last and zero_stage(self.ds_config) == 0
+                       and precision.weights_dtype(self.config) == torch.float32)
+            unclipped = grad_norm(self.engine.module) if measure else None
+            skipped_before = self.engine.skipped_steps
+            self.engine.step()
+            self.window.add(loss, per_pair, per_token, token_counts(batch), self._flops(piece, batch), continues=i > 0)
         if not boundary:
             return None
         norm = unclipped if unclipped is not None else float(self.engine.get_global_grad_norm())
@@ -182,6 +195,22 @@ class DPOWorker:
         else:
             _require_finite("grad_norm", norm, self.step + 1)
         return norm
+
+    def pieces(self, rows: List[dict]) -> List[List[dict]]:
+        """The micro-batch's pairs cut by padding_free_max_tokens (DPOConfig), or the micro-batch whole.
+        Every worker runs as many pieces (the most any of them needs): ZeRO's collectives run per forward
+        and backward, so the workers must run the same number."""
+        budget = self.config.padding_free_max_tokens
+        if not budget:
+            return [rows]
+        config = self.config
+        lengths = padding_free_lengths(rows, config.max_length, config.truncation_mode, config.share_prompt)
+        needed = pieces_needed(lengths, budget)
+        if dist.is_available() and dist.is_initialized():
+            most = torch.tensor([needed], device=self.engine.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            needed = int(most.item())
+        return [[rows[i] for i in piece] for piece in cut_pairs(lengths, needed, budget)]
 
     # -- after each optimizer step -------------------------------------------------------------------
 

@@ -78,13 +78,16 @@ class MetricsWindow:
         self.flops = 0.0  # model FLOPs (raydpo/flops.py), when the loop counts them: for mfu
         self.hardware_flops = 0.0  # and the FLOPs the batches ran: for hfu
 
-    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple, flops: tuple = (0.0, 0.0)):
+    def add(self, loss: torch.Tensor, per_pair: dict, per_token: dict, counts: tuple, flops: tuple = (0.0, 0.0),
+            continues: bool = False):
         """counts: (tokens, filled positions, positions) of the batch (`batching.token_counts`);
-        flops: (model, hardware) FLOPs of the batch (raydpo/flops.py)."""
+        flops: (model, hardware) FLOPs of the batch (raydpo/flops.py). continues: the batch is a later piece
+        of the micro-batch added last (padding_free_max_tokens), whose loss is already weighted by its share
+        of the pairs: its loss and token counts add to that micro-batch's, as if it had run whole."""
         tokens, filled, positions = counts
         self.flops += flops[0]
         self.hardware_flops += flops[1]
-        self.micro_batches += 1
+        self.micro_batches += 0 if continues else 1
         self.positions += positions
         self.filled += filled
         self.device = loss.device  # NCCL all-reduces only device tensors
@@ -97,7 +100,11 @@ class MetricsWindow:
         self.sums["loss"] += values[0]
         for name, value in zip(PAIR_METRICS, values[1:]):
             self.sums[name] += value
-        self.token_rows.append(values[1 + len(PAIR_METRICS):])
+        token_row = values[1 + len(PAIR_METRICS):]
+        if continues:  # ratios are per micro-batch: numerators and denominators add up first
+            self.token_rows[-1] = [a + b for a, b in zip(self.token_rows[-1], token_row)]
+        else:
+            self.token_rows.append(token_row)
         self.tokens += tokens
 
     def add_padding(self):
