@@ -70,15 +70,8 @@ def test_padding_free_equals_padded_with_peft_on_two_workers(ray_session, tiny_m
     batches hold no padding. So does a run whose micro-batches of 4 pairs are cut by a token budget
     (padding_free_max_tokens) of about two pairs, into pieces the two workers run as many of."""
     from peft import LoraConfig
-    from transformers import AutoTokenizer
 
-    from raydpo.data.batching import padding_free_lengths
-    from raydpo.data.tokenize import tokenize_row
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    lengths = padding_free_lengths([tokenize_row(tokenizer, row) for row in parity_rows[:40]], 32, share_prompt=True)
-    budget = 2 * sorted(lengths)[len(lengths) // 2]
-    assert 4 * min(lengths) > budget  # every micro-batch is cut
+    budget = two_pair_budget(tiny_model, parity_rows[:40])
     runs = {}
     for name, options in {"padded": {}, "free": dict(padding_free=True),
                           "budget": dict(padding_free=True, padding_free_max_tokens=budget)}.items():
@@ -95,6 +88,21 @@ def test_padding_free_equals_padded_with_peft_on_two_workers(ray_session, tiny_m
             assert [row[metric] for row in free] == pytest.approx([row[metric] for row in padded], rel=1e-5,
                                                                   abs=1e-6), (name, metric)
         assert all(row["padding_fraction"] == 0.0 for row in free)
+
+
+def two_pair_budget(tiny_model, rows) -> int:
+    """A padding_free_max_tokens of about two of these pairs (shared prompts, max_length 32): every
+    micro-batch of 4 pairs is cut."""
+    from transformers import AutoTokenizer
+
+    from raydpo.data.batching import padding_free_lengths
+    from raydpo.data.tokenize import tokenize_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lengths = padding_free_lengths([tokenize_row(tokenizer, row) for row in rows], 32, share_prompt=True)
+    budget = 2 * sorted(lengths)[len(lengths) // 2]
+    assert 4 * min(lengths) > budget
+    return budget
 
 
 def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model, parity_rows, tmp_path):
@@ -138,3 +146,17 @@ def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model,
                          resume_from_checkpoint=str(tmp_path / "1" / "run" / earlier)).train()
     assert [h["global_step"] for h in resumed.history] == list(range(step + 1, 5))
     assert resumed.history[-1]["loss"] == pytest.approx(ray_run.history[-1]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_token_budget_steps_equal_the_uncut_ones_under_deepspeed(ray_session, tiny_model, parity_rows, tmp_path, stage):
+    """padding_free_max_tokens under DeepSpeed itself (local mode, ZeRO-0 and ZeRO-3, 2 micro-batches a step):
+    pieces of about two pairs step exactly as the uncut micro-batches of 4 pairs."""
+    runs, cut = {}, two_pair_budget(tiny_model, parity_rows[:40])
+    for budget in (None, cut):
+        args = config(tmp_path / str(budget), num_workers=0, zero_stage=stage, max_steps=3, gradient_accumulation_steps=2,
+                      save_strategy="no", report_to="none", padding_free=True, padding_free_max_tokens=budget)
+        runs[budget] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40]).train().history
+    assert [row["global_step"] for row in runs[cut]] == [1, 2, 3]
+    for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert [row[name] for row in runs[cut]] == pytest.approx([row[name] for row in runs[None]], rel=1e-5, abs=1e-6), name
