@@ -7,7 +7,7 @@ DATA ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/raydpo/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-slow _tests install
+.PHONY: demo test test-slow install
 
 install: $(VENV)/.installed
 
@@ -25,16 +25,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) experiments/demo.py --model "$(MODEL)" $(if $(DATA),--data "$(DATA)")
 
-# `make test`: every test not marked slow, in a few pytest processes. Tests of pure logic (no Ray) run
-# together in one. The test files that share one Ray session (tests/conftest.py's ray_session) run in
-# two pytest processes, each serving its files' runs from one Ray instance: they have passed together
-# in one process (171 tests, ~20 minutes, no hang) where one process per file took ~26 minutes. Two
-# halve each session's length: a late run in a much longer session was once seen to wait forever, its
-# driver never told that Ray Train's controller actor was alive, a cause not found yet
-# (docs/clusters.md, "Many runs in one session"). Test files that start their own Ray (a multi-node
-# cluster, `ray job submit`, the demo) run one process each.
-# `make test-slow`: the tests marked slow (the demo on the real model, `ray job submit`, worker and node
-# kills, the experiment scripts), the same way. `.ci/run` runs both.
+# `make test`: every test not marked slow; `make test-slow`: those marked slow (the demo on the real
+# model, `ray job submit`, worker and node kills, the experiment scripts). `.ci/run` runs both. Each
+# group below is one pytest process, run by tests/run_suite.sh (which says in what order, and which side
+# by side). Tests of pure logic (no Ray) run together. The files that share one Ray session
+# (tests/conftest.py's ray_session) run in two groups, each serving its files' runs from one Ray
+# instance: a late run in a much longer session was once seen to wait forever, its driver never told
+# that Ray Train's controller actor was alive, a cause not found (docs/clusters.md, "Many runs in one
+# session"). Test files that start their own Ray (a multi-node cluster, `ray job submit`, the demo) run
+# one process each. A new test file joins a group here, or runs as one of its own.
 PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py tests/test_evaluate.py \
 	tests/test_docs.py tests/test_flops.py tests/test_layout_fidelity.py \
 	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py tests/test_trackers.py \
@@ -44,17 +43,11 @@ SESSION_1 := tests/test_reference.py tests/test_train_e2e.py tests/test_trl_pari
 SESSION_2 := tests/test_many_runs.py tests/test_experiments.py tests/test_reliability.py \
 	tests/test_learning.py tests/test_vision.py tests/test_evaluation.py tests/test_losses_e2e.py
 OWN_RAY_TESTS := $(filter-out $(PURE_TESTS) $(SESSION_1) $(SESSION_2),$(wildcard tests/test_*.py))
-# pytest's exit status 5 is "no test selected": a file (or group) with no test of the marker asked for
-PYTEST := $(PY) -m pytest -q -p no:warnings
+SUITE := PYTEST="$(PY) -m pytest -q -p no:warnings" PURE_TESTS="$(PURE_TESTS)" SESSION_1="$(SESSION_1)" \
+	SESSION_2="$(SESSION_2)" OWN_RAY_TESTS="$(OWN_RAY_TESTS)" bash tests/run_suite.sh
 
 test: install
-	@$(MAKE) --no-print-directory _tests MARK="not slow"
+	@$(SUITE) "not slow"
 
 test-slow: install
-	@$(MAKE) --no-print-directory _tests MARK="slow"
-
-_tests:
-	@status=0; run() { $(PYTEST) -m "$(MARK)" "$$@"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || status=1; }; \
-	echo "== pure logic ($(MARK)): $(notdir $(PURE_TESTS))"; run $(PURE_TESTS); \
-	for group in "$(SESSION_1)" "$(SESSION_2)"; do echo "== one Ray session ($(MARK)): $$group"; run $$group; done; \
-	for f in $(OWN_RAY_TESTS); do echo "== $$f ($(MARK))"; run $$f; done; exit $$status
+	@$(SUITE) slow

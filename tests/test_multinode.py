@@ -165,6 +165,7 @@ def test_workers_span_two_nodes_and_every_file_lands_in_s3(steady_run, ray_clust
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+@pytest.mark.slow  # `ray job submit`, as tests/test_job_submit.py
 def test_job_submit_resumes_from_an_s3_checkpoint_and_matches(steady_run, ray_cluster, bucket, tiny_model,
                                                                parity_rows, tmp_path):
     """`ray job submit -- raydpo train config.yaml` to the cluster (token auth), resuming from the steady
