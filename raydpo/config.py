@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES, WHOLE_BATCH_LOSSES
+from raydpo.losses import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, SORTING_LOSSES, TOKEN_MEAN_LOSSES
 from raydpo.train.trackers import report_targets
 
 SCHEDULERS = (
@@ -238,12 +238,12 @@ class DPOConfig:
                 "Each micro-batch of per_device_train_batch_size pairs is cut, between pairs, into as few "
                 "pieces as keep every piece within the budget (a pair longer than it runs alone); every "
                 "worker runs the same number of pieces (the most any of them needs), and each piece's loss "
-                "counts by its share of the micro-batch's pairs, so an optimizer step still sums to the "
-                "whole batch's: the step equals the uncut one (tested within 1e-5). The activations of a "
-                "forward scale with the budget rather than with the longest pairs. Refused with the losses "
-                "whose value for one pair depends on the rest of its micro-batch (aot and aot_unpaired sort "
-                "it, sft averages over its tokens) and with an MoE load-balancing loss; evaluation batches "
-                "are not cut. None: micro-batches are not cut."})
+                "counts by its share of the micro-batch's pairs (sft's, a mean over chosen tokens, by its share "
+                "of those), so an optimizer step still sums to the whole batch's: the step equals the uncut "
+                "one (tested within 1e-5). The activations of a forward scale with the budget rather than "
+                "with the longest pairs. Refused with the losses that sort the micro-batch's pairs (aot, "
+                "aot_unpaired), with sft beside use_weighting, and with an MoE load-balancing loss; "
+                "evaluation batches are not cut. None: micro-batches are not cut."})
 
     # --- data (raydpo extras; docs/data-formats.md) ---
     skip_bad_rows: bool = field(default=False, metadata={
@@ -538,10 +538,14 @@ class DPOConfig:
                                  "padding_free=True with it, or leave it None")
             if self.padding_free_max_tokens < 1:
                 raise ValueError(f"DPOConfig.padding_free_max_tokens must be >= 1, got {self.padding_free_max_tokens!r}")
-            whole_batch = [t for t in types if t in WHOLE_BATCH_LOSSES]
-            if whole_batch:  # their value for a pair depends on the whole micro-batch, which the budget cuts
-                raise ValueError(f"DPOConfig.padding_free_max_tokens cannot be combined with loss_type {whole_batch}: "
-                                 "their value for a pair depends on the rest of its micro-batch")
+            if sorting:  # they sort the whole micro-batch, which the budget cuts
+                raise ValueError(f"DPOConfig.padding_free_max_tokens cannot be combined with loss_type {sorting}: "
+                                 "they sort the pairs of the whole micro-batch")
+            token_mean = [t for t in types if t in TOKEN_MEAN_LOSSES]
+            if token_mean and self.use_weighting:  # a token mean times a mean of WPO weights does not add up by piece
+                raise ValueError(f"DPOConfig.padding_free_max_tokens cannot be combined with loss_type {token_mean} "
+                                 "and use_weighting: the micro-batch's token mean times its mean WPO weight is not a "
+                                 "sum over pieces")
 
     def _check_reference_options(self):
         if self.sync_ref_model and self.precompute_ref_log_probs:  # a synced reference makes precomputed logps stale

@@ -21,21 +21,21 @@ LOSSES: Dict[str, Callable] = {}
 F_DIVERGENCE_LOSSES = set()
 # Losses that sort the batch, so per-pair (WPO) weights would no longer line up with the pairs.
 SORTING_LOSSES = set()
-# Losses whose value for a pair depends on the other pairs of its micro-batch (those that sort it, and
-# sft's token mean over it): cutting a micro-batch into pieces (padding_free_max_tokens) would change them.
-WHOLE_BATCH_LOSSES = set()
+# Losses that average over the micro-batch's chosen tokens rather than over its pairs: a piece of a
+# micro-batch (padding_free_max_tokens) weights them by its share of those tokens (`PieceShare`).
+TOKEN_MEAN_LOSSES = set()
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
-def register(name: str, f_divergence: bool = False, sorts_pairs: bool = False, whole_batch: bool = False):
+def register(name: str, f_divergence: bool = False, sorts_pairs: bool = False, token_mean: bool = False):
     def add(fn):
         LOSSES[name] = fn
         if f_divergence:
             F_DIVERGENCE_LOSSES.add(name)
         if sorts_pairs:
             SORTING_LOSSES.add(name)
-        if sorts_pairs or whole_batch:
-            WHOLE_BATCH_LOSSES.add(name)
+        if token_mean:
+            TOKEN_MEAN_LOSSES.add(name)
         return fn
 
     return add
@@ -195,7 +195,7 @@ def discopop(x: PairLogps, args) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
 
 
-@register("sft", f_divergence=True, whole_batch=True)
+@register("sft", f_divergence=True, token_mean=True)
 def sft(x: PairLogps, args) -> torch.Tensor:
     """Negative log-likelihood per chosen completion token, over the whole micro-batch (one value,
     repeated per pair so it weights and averages like the others)."""
@@ -208,10 +208,23 @@ def sigmoid_norm(x: PairLogps, args) -> torch.Tensor:
     return -F.logsigmoid(args.beta * _length_normalized_delta(x, args))
 
 
-def dpo_loss(x: PairLogps, args) -> torch.Tensor:
-    """sum_k loss_weight_k * mean over pairs of loss_k (times the WPO weight of each pair, if any)."""
+@dataclass(frozen=True)
+class PieceShare:
+    """A piece of a micro-batch (padding_free_max_tokens): its share of the micro-batch's pairs and of
+    its scored chosen tokens. Its loss terms, weighted by these, sum over the pieces to the micro-batch's."""
+    pairs: float
+    chosen_tokens: float
+
+
+def dpo_loss(x: PairLogps, args, share: Optional[PieceShare] = None) -> torch.Tensor:
+    """sum_k loss_weight_k * mean over pairs of loss_k (times the WPO weight of each pair, if any); for a
+    piece of a micro-batch, each term times the piece's share (of the chosen tokens for sft, else of the pairs)."""
     total = 0.0
     for name, weight in zip(args.loss_types, args.weights):
+        if share is not None:
+            weight = weight * (share.chosen_tokens if name in TOKEN_MEAN_LOSSES else share.pairs)
+            if weight == 0.0:  # a piece without chosen tokens adds nothing to sft's mean (its own would be 0/0)
+                continue
         per_pair = LOSSES[name](x, args)
         if x.weights is not None:
             per_pair = per_pair * x.weights

@@ -62,12 +62,15 @@ def test_zero_stage_defaults_to_0_alone_and_2_with_several_workers():
     assert build_deepspeed_config(DPOConfig(num_workers=2), 2)["zero_optimization"]["stage"] == 2
 
 
-def test_a_token_budget_needs_padding_free_and_losses_of_single_pairs():
+def test_a_token_budget_needs_padding_free_and_losses_that_add_up_by_piece():
     assert DPOConfig(padding_free=True, padding_free_max_tokens=4096).padding_free_max_tokens == 4096
+    assert DPOConfig(padding_free=True, padding_free_max_tokens=4096, loss_type=["sigmoid", "sft"]).loss_types
     with pytest.raises(ValueError, match="padding_free_max_tokens is a budget for padding-free rows"):
         DPOConfig(padding_free_max_tokens=4096)
     with pytest.raises(ValueError, match="padding_free_max_tokens must be >= 1"):
         DPOConfig(padding_free=True, padding_free_max_tokens=0)
-    for loss_type in (["sigmoid", "sft"], "aot", "aot_unpaired"):  # a pair's value depends on its micro-batch
-        with pytest.raises(ValueError, match=r"padding_free_max_tokens cannot be combined with loss_type \["):
+    for loss_type in ("aot", "aot_unpaired"):  # they sort the whole micro-batch
+        with pytest.raises(ValueError, match=r"padding_free_max_tokens cannot be combined with loss_type \['aot"):
             DPOConfig(padding_free=True, padding_free_max_tokens=4096, loss_type=loss_type)
+    with pytest.raises(ValueError, match=r"loss_type \['sft'\] and use_weighting"):
+        DPOConfig(padding_free=True, padding_free_max_tokens=4096, loss_type=["sigmoid", "sft"], use_weighting=True)

@@ -148,15 +148,19 @@ def test_local_mode_is_a_one_worker_run_in_this_process(ray_session, tiny_model,
     assert resumed.history[-1]["loss"] == pytest.approx(ray_run.history[-1]["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_token_budget_steps_equal_the_uncut_ones_under_deepspeed(ray_session, tiny_model, parity_rows, tmp_path, stage):
+@pytest.mark.parametrize("stage, loss_type", [(0, "sigmoid"), (3, "sigmoid"), (0, ["sigmoid", "sft"])])
+def test_token_budget_steps_equal_the_uncut_ones_under_deepspeed(ray_session, tiny_model, parity_rows, tmp_path, stage,
+                                                                loss_type):
     """padding_free_max_tokens under DeepSpeed itself (local mode, ZeRO-0 and ZeRO-3, 2 micro-batches a step):
-    pieces of about two pairs step exactly as the uncut micro-batches of 4 pairs."""
-    runs, cut = {}, two_pair_budget(tiny_model, parity_rows[:40])
+    pieces of about two pairs step exactly as the uncut micro-batches of 4 pairs, with the demo's sigmoid + sft too."""
+    # chosen completions of uneven lengths, so that a piece's share of the chosen tokens (sft's) is not its share of the pairs
+    rows = [dict(row, chosen=row["chosen"] + " even" * (i % 3)) for i, row in enumerate(parity_rows[:40])]
+    runs, cut = {}, two_pair_budget(tiny_model, rows)
     for budget in (None, cut):
         args = config(tmp_path / str(budget), num_workers=0, zero_stage=stage, max_steps=3, gradient_accumulation_steps=2,
-                      save_strategy="no", report_to="none", padding_free=True, padding_free_max_tokens=budget)
-        runs[budget] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40]).train().history
+                      save_strategy="no", report_to="none", padding_free=True, padding_free_max_tokens=budget,
+                      loss_type=loss_type)
+        runs[budget] = DPOTrainer(tiny_model, args=args, train_dataset=rows).train().history
     assert [row["global_step"] for row in runs[cut]] == [1, 2, 3]
     for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "num_tokens"):
         assert [row[name] for row in runs[cut]] == pytest.approx([row[name] for row in runs[None]], rel=1e-5, abs=1e-6), name

@@ -173,6 +173,12 @@ def _reference_column(rows: Sequence[dict]) -> Optional[torch.Tensor]:
     return None
 
 
+def scored_chosen_tokens(batch: Batch) -> int:
+    """The chosen completions' scored tokens (as the log-probs count them: a completion token with a
+    predictor, so not position 0): what sft averages over."""
+    return int(batch.completion_mask.chunk(2)[0][:, 1:].sum())
+
+
 def token_counts(batch: Batch) -> tuple:
     """(tokens as TRL counts them: the chosen and rejected sequences' non-pad tokens, so prompts twice;
     positions the batch fills with tokens; positions in all)."""

@@ -27,9 +27,11 @@ import torch.distributed as dist
 
 from raydpo import flops, precision
 from raydpo.config import DPOConfig
-from raydpo.data.batching import cut_pairs, epoch_order, padding_free_lengths, pieces_needed, token_counts
+from raydpo.data.batching import (cut_pairs, epoch_order, padding_free_lengths, pieces_needed, scored_chosen_tokens,
+                                  token_counts)
 from raydpo.data.shard import Shard
 from raydpo.logprobs import text_config
+from raydpo.losses import PieceShare
 from raydpo.model_loading import continued_adapter, fit_to_model, load_policy
 from raydpo.reference import PrecomputedReference, Reference, StreamedReference, model_reference
 from raydpo.train import checkpoint
@@ -166,14 +168,16 @@ class DPOWorker:
         boundary), for each piece of the micro-batch (`pieces`). Returns the gradient norm at a boundary,
         else None."""
         pieces = self.pieces(rows)
-        for i, piece in enumerate(pieces):
+        batches = [make_batch(piece, self.config, self.spec.tokenizer, self.spec.pad_token_id) for piece in pieces]
+        chosen_tokens = [scored_chosen_tokens(batch) for batch in batches] if len(pieces) > 1 else None
+        for i, (piece, batch) in enumerate(zip(pieces, batches)):
             last = i == len(pieces) - 1
             if self.config.padding_free_max_tokens:  # DeepSpeed would count each piece as a micro-batch
                 self.engine.set_gradient_accumulation_boundary(boundary and last)
-            batch = make_batch(piece, self.config, self.spec.tokenizer, self.spec.pad_token_id)
-            loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config)
-            if len(pieces) > 1:  # each pair counts as it does in the whole micro-batch's mean
-                loss = loss * (len(piece) / len(rows))
+            # each pair (or sft's chosen token) counts as it does in the whole micro-batch's mean
+            share = (PieceShare(len(piece) / len(rows), chosen_tokens[i] / max(sum(chosen_tokens), 1))
+                     if chosen_tokens else None)
+            loss, per_pair, per_token = dpo_step(self.engine, self.reference, batch, self.config, share)
             _require_finite("loss", float(loss.detach()), self.step + 1)  # unscaled: backward applies fp16's scale
             self.engine.backward(loss)
             # float32 weights (bf16's autocast included) without ZeRO: DeepSpeed clips but does not keep the

@@ -3,6 +3,8 @@ from rows, the loss and metrics of the policy against the reference, and an eval
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from raydpo import precision
@@ -10,7 +12,7 @@ from raydpo.config import DPOConfig
 from raydpo.data.batching import Batch, collate, token_counts
 from raydpo.data.shard import Shard
 from raydpo.logprobs import model_completion_stats, pair_logps
-from raydpo.losses import dpo_loss, rewards
+from raydpo.losses import PieceShare, dpo_loss, rewards
 from raydpo.reference.base import Reference
 from raydpo.train.metrics import MetricsWindow, pair_metrics, token_metrics
 
@@ -22,11 +24,12 @@ def make_batch(rows: list, config: DPOConfig, tokenizer, pad_token_id: int) -> B
                    image_processor, ld_alpha=config.ld_alpha, padding_free=config.padding_free)
 
 
-def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig):
+def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig, share: Optional[PieceShare] = None):
     """Loss, per-pair metrics and token metrics of one micro-batch (chosen rows first, then rejected).
     `config` is fitted to the model (`model_loading.fit_to_model`): a router_aux_loss_coef other than 0
     (or None) adds that times the policy's MoE load-balancing loss to the loss, as TRL does, and logs it
-    as aux_loss. The batch comes from `make_batch` (with config.ld_alpha, its LD-DPO weights)."""
+    as aux_loss. The batch comes from `make_batch` (with config.ld_alpha, its LD-DPO weights). `share`:
+    the batch is that piece of a micro-batch (padding_free_max_tokens), and its loss is weighted by it."""
     if (config.ld_alpha is not None) != (batch.logp_weights is not None):
         raise ValueError(f"ld_alpha={config.ld_alpha} but the batch was built with"
                          f"{'out' if batch.logp_weights is None else ''} LD-DPO weights: build it with make_batch")
@@ -36,7 +39,7 @@ def dpo_step(engine, reference: Reference, batch: Batch, config: DPOConfig):
         policy = model_completion_stats(engine, batch, wpo=config.use_weighting, router_logits=bool(aux_coef))
         reference_logps = reference.logps(batch)
     logps = pair_logps(policy, reference_logps, batch.completion_mask, config.use_weighting)
-    loss = dpo_loss(logps, config)
+    loss = dpo_loss(logps, config, share)
     if policy.aux_loss is not None:
         loss = loss + aux_coef * policy.aux_loss
     chosen_rewards, rejected_rewards = rewards(logps, config.beta)
