@@ -14,6 +14,11 @@ from raydpo.logprobs import model_completion_logps
 
 
 @torch.no_grad()
+def _pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, or its EOS where it has none (as the batches and `generate` both need one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _pair_logps(model, tokenized: list, pad_token_id: int, max_length, truncation_mode, batch_size):
     """Summed completion log-probs (chosen [N], rejected [N])."""
     model.eval()
@@ -37,7 +42,7 @@ def preference_scores(model, tokenizer, rows: list, beta: float, max_length: Opt
     """
     if not rows:
         raise ValueError("preference_scores needs at least one row")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = _pad_token_id(tokenizer)
     tokenized = [tokenize_pair(tokenizer, normalize(row)[1]) for row in rows]
     args = (pad_token_id, max_length, truncation_mode, batch_size)
     chosen, rejected = _pair_logps(model, tokenized, *args)
@@ -62,7 +67,7 @@ def greedy_answers(model, tokenizer, rows: list, max_new_tokens: int = 16) -> di
         raise ValueError("greedy_answers needs at least one row")
     model.eval()
     device = next(model.parameters()).device
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = _pad_token_id(tokenizer)
     answers = []
     for index, row in enumerate(rows):
         pair = normalize(row)[1]
