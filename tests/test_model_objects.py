@@ -114,16 +114,18 @@ def test_model_objects_train_as_their_paths_and_callbacks_stop(ray_session, tiny
             param.add_(0.02 * torch.randn_like(param))
     reference.save_pretrained(tmp_path / "reference")
 
-    def config(name):
-        return DPOConfig(output_dir=str(tmp_path / name), run_name="run", num_workers=2, max_steps=3,
+    def config(name, workers):
+        return DPOConfig(output_dir=str(tmp_path / name), run_name="run", num_workers=workers, max_steps=3,
                          logging_steps=1, save_steps=100, per_device_train_batch_size=4, learning_rate=1e-3,
                          max_length=32)
 
     rows = parity_rows[:40]
-    by_path = DPOTrainer(tiny_model, ref_model=str(tmp_path / "reference"), args=config("path"),
+    # the paths' numbers in local mode (a 1-worker run's, exactly: test_train_e2e.test_local_mode_...); the
+    # objects' run and its callback through one Ray Train worker, whose events reach this process
+    by_path = DPOTrainer(tiny_model, ref_model=str(tmp_path / "reference"), args=config("path", 0),
                          train_dataset=rows).train()
     recorder = Recorder(stop_at=2)
-    trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model), ref_model=reference, args=config("object"),
+    trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model), ref_model=reference, args=config("object", 1),
                          train_dataset=rows, callbacks=[recorder])
     assert trainer.model.startswith(str(tmp_path / "object" / "raydpo-model-objects"))  # saved once, a path now
     by_object = trainer.train()

@@ -19,11 +19,14 @@ def config(tmp_path, **overrides):
 
 
 def test_resume_matches_uninterrupted_run(ray_session, tiny_model, parity_rows, tmp_path):
+    """A Ray Train worker resumes a local-mode run's checkpoint and ends where it did (a 1-worker run's numbers are
+    local mode's: test_local_mode_is_a_one_worker_run_in_this_process; 2 workers resuming under ZeRO-3:
+    test_reference.test_tr_dpo_reference_at_a_sync_step; across nodes: test_multinode)."""
     rows = parity_rows[:40]
-    full = DPOTrainer(tiny_model, args=config(tmp_path / "full", max_steps=4, save_steps=2),
+    full = DPOTrainer(tiny_model, args=config(tmp_path / "full", num_workers=0, max_steps=4, save_steps=2),
                       train_dataset=rows).train()
     checkpoint_2 = full.checkpoint.replace("checkpoint-4", "checkpoint-2")
-    resumed = DPOTrainer(tiny_model, args=config(tmp_path / "resumed", max_steps=4, save_steps=2),
+    resumed = DPOTrainer(tiny_model, args=config(tmp_path / "resumed", num_workers=1, max_steps=4, save_steps=2),
                          train_dataset=rows, resume_from_checkpoint=checkpoint_2).train()
     assert [h["global_step"] for h in resumed.history] == [3, 4]
     assert resumed.metrics["loss"] == pytest.approx(full.metrics["loss"], abs=1e-5)
@@ -65,22 +68,22 @@ def test_mixed_precision_bf16_and_fp16_on_cpu_workers(ray_session, tiny_model, p
 
 
 def test_padding_free_equals_padded_with_peft_on_two_workers(ray_session, tiny_model, parity_rows, tmp_path):
-    """padding_free through Ray: 2 workers (ZeRO-2), a LoRA adapter (the reference: the base, adapters
-    off), shared prompts, LD-DPO weights; every logged step equals the padded run's within 1e-5, and its
-    batches hold no padding. So does a run whose micro-batches of 4 pairs are cut by a token budget
-    (padding_free_max_tokens) of about two pairs, into pieces the two workers run as many of."""
+    """padding_free with a LoRA adapter (the reference: the base, adapters off), shared prompts, LD-DPO
+    weights: every logged step equals the padded run's within 1e-5, and its batches hold no padding. Through
+    Ray, 2 workers (ZeRO-2) whose micro-batches of 4 pairs are cut by a token budget (padding_free_max_tokens)
+    of about two pairs, into pieces the two workers run as many of; uncut, in local mode."""
     from peft import LoraConfig
 
     budget = two_pair_budget(tiny_model, parity_rows[:40])
     runs = {}
-    for name, options in {"padded": {}, "free": dict(padding_free=True),
-                          "budget": dict(padding_free=True, padding_free_max_tokens=budget)}.items():
+    for name, options in {"padded": {}, "budget": dict(padding_free=True, padding_free_max_tokens=budget),
+                          "padded, local": dict(num_workers=0), "free, local": dict(num_workers=0, padding_free=True),
+                          }.items():
         args = config(tmp_path / name, max_steps=3, save_strategy="no", report_to="none", ld_alpha=0.5, **options)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         runs[name] = DPOTrainer(tiny_model, args=args, train_dataset=parity_rows[:40],
                                 peft_config=lora).train().history
-    padded = runs["padded"]
-    for name in ("free", "budget"):
+    for name, padded in (("budget", runs["padded"]), ("free, local", runs["padded, local"])):
         free = runs[name]
         assert [row["global_step"] for row in free] == [1, 2, 3]
         for metric in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy",
