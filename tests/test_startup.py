@@ -131,3 +131,27 @@ def test_the_workers_import_what_they_need_next():
             "print(all(m in sys.modules for m in ('torch.distributed', 'ray.train.torch.config', 'raydpo.train.loop')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
     assert out.stdout.strip().endswith(b"True")
+
+
+def test_the_controller_polls_small_groups_often_and_a_users_interval_wins(monkeypatch):
+    """Ray Train's controller waits out its status polls at a run's end (cluster.train_poll_interval):
+    0.1 s up to FAST_POLL_WORKERS workers, 0.5 s beyond, the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+    whatever the size. The driver's value is one Ray Train passes on to its controller."""
+    import os
+
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from raydpo import cluster
+
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR == cluster._POLL_INTERVAL_ENV in ENV_VARS_TO_PROPAGATE
+    monkeypatch.setattr(cluster, "_USER_POLL_INTERVAL", None)
+    monkeypatch.delenv(cluster._POLL_INTERVAL_ENV, raising=False)
+    assert [cluster.train_poll_interval(n) for n in (1, 2, cluster.FAST_POLL_WORKERS, cluster.FAST_POLL_WORKERS + 1,
+                                                     256)] == ["0.1", "0.1", "0.1", "0.5", "0.5"]
+    cluster.set_train_poll_interval(64)
+    assert os.environ[cluster._POLL_INTERVAL_ENV] == "0.5"
+    cluster.set_train_poll_interval(2)  # the next run's own
+    assert os.environ[cluster._POLL_INTERVAL_ENV] == "0.1"
+    monkeypatch.setattr(cluster, "_USER_POLL_INTERVAL", "3")
+    cluster.set_train_poll_interval(2)
+    assert os.environ[cluster._POLL_INTERVAL_ENV] == "3"

@@ -199,9 +199,7 @@ def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str
         datasets={name: data.dataset for name, data in datasets.items()},
         dataset_config=ContiguousShards(),
     )
-    # Ray Train's controller polls the workers every 2 s by default, which a short run (a sweep trial,
-    # a test) waits out at start and end; 0.5 s costs nothing measurable. The driver's value reaches it.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    cluster.set_train_poll_interval(config.num_workers)  # how often the controller asks the workers (see there)
     # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
     # preempted node is restarted by max_failures. The watcher would be one more actor per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
