@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(loop_config: dict):
-    """Ray Train's entry point; its train_loop_config is {"spec": WorkerSpec}."""
-    spec: WorkerSpec = loop_config["spec"]
+    """Ray Train's entry point; its train_loop_config is {"spec": an object ref of the WorkerSpec}."""
+    spec: WorkerSpec = ray.get(loop_config["spec"])
     config = process_config(spec)
     worker = DPOWorker.setup(spec, config, RayRunContext(spec, config))
     worker.train()

@@ -33,7 +33,7 @@ def training_plan(num_rows: int, config: DPOConfig, num_eval_rows: int = 0) -> T
 
 @dataclass
 class WorkerSpec:
-    """Everything a training worker is given (Ray Train's train_loop_config is {"spec": WorkerSpec})."""
+    """Everything a training worker is given (Ray Train's train_loop_config is {"spec": its object ref})."""
 
     config: dict  # DPOConfig.to_dict(): rebuilt (and checked again) in the worker
     plan: TrainingPlan

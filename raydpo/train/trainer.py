@@ -179,7 +179,10 @@ def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=TorchBackendConfig(),  # TorchConfig's settings, without torch in the controller's start
-        train_loop_config={"spec": spec},
+        # A reference, not the spec: Ray Train's controller unpickles train_loop_config with its run context,
+        # and the spec would import torch and transformers there (~1.7 s of the controller's start, before it
+        # asks for the workers). Each worker gets it from the object store (loop.train_loop_per_worker).
+        train_loop_config={"spec": ray.put(spec)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu,
             resources_per_worker=resources.worker),
