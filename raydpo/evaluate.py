@@ -13,12 +13,12 @@ from raydpo.data.tokenize import tokenize_pair
 from raydpo.logprobs import model_completion_logps
 
 
-@torch.no_grad()
 def _pad_token_id(tokenizer) -> int:
     """The tokenizer's pad token, or its EOS where it has none (as the batches and `generate` both need one)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+@torch.no_grad()  # scoring only: no autograd graph is kept for the batches it gathers
 def _pair_logps(model, tokenized: list, pad_token_id: int, max_length, truncation_mode, batch_size):
     """Summed completion log-probs (chosen [N], rejected [N])."""
     model.eval()

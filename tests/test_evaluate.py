@@ -41,3 +41,21 @@ def test_greedy_answers_refuse_vision_rows_by_row(tiny_model, parity_rows):
     rows = parity_rows[:2] + colour_pairs(1, conversational=False)
     with pytest.raises(ValueError, match="row 2 has images"):
         greedy_answers(AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model), rows)
+
+
+def test_preference_scores_keep_no_autograd_graph(tiny_model, parity_rows):
+    """Scoring gathers every batch's log-probs: computed without autograd, so no graph of a whole held-out
+    set is kept alive while it runs (the model's parameters do require grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydpo.data.formats import normalize
+    from raydpo.data.tokenize import tokenize_pair
+    from raydpo.evaluate import _pair_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert all(p.requires_grad for p in model.parameters())
+    tokenized = [tokenize_pair(tokenizer, normalize(row)[1]) for row in parity_rows[:6]]
+    chosen, rejected = _pair_logps(model, tokenized, tokenizer.pad_token_id, 32, "keep_start", 4)
+    assert chosen.shape == rejected.shape == (6,)
+    assert not chosen.requires_grad and not rejected.requires_grad and chosen.grad_fn is None

@@ -325,7 +325,9 @@ def test_a_token_budget_cuts_micro_batches_into_pieces_and_steps_alike(share_pro
         for name in set(a) - {"step_time", "tokens_per_second_per_worker"}:
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
     for name, value in whole.engine.module.state_dict().items():
-        torch.testing.assert_close(cut.engine.module.state_dict()[name], value, rtol=0, atol=1e-6)  # float32 sums, another order
+        # sft: its token shares add the same float32 terms in another order
+        torch.testing.assert_close(cut.engine.module.state_dict()[name], value, rtol=0,
+                                   atol=1e-7 if loss_type == "sigmoid" else 1e-6)
 
 
 def test_fp16_overflow_skips_the_update_and_goes_on():
