@@ -37,7 +37,7 @@ demo: install
 PURE_TESTS := tests/test_attention.py tests/test_batching.py tests/test_cluster_configs.py tests/test_cluster_sizing.py tests/test_config.py tests/test_devices.py tests/test_evaluate.py \
 	tests/test_docs.py tests/test_flops.py tests/test_layout_fidelity.py \
 	tests/test_gradient_checkpointing.py tests/test_logprobs.py tests/test_loop.py tests/test_losses.py tests/test_metrics.py tests/test_precision.py tests/test_progress.py tests/test_startup.py tests/test_trackers.py \
-	tests/test_sweep.py tests/test_training_arguments.py
+	tests/test_sweep.py tests/test_training_arguments.py tests/test_hub.py tests/test_worker_process.py
 SESSION_1 := tests/test_reference.py tests/test_train_e2e.py tests/test_trl_parity.py tests/test_data.py tests/test_shard.py \
 	tests/test_formats.py tests/test_trl_cli.py tests/test_model_objects.py tests/test_cli.py
 SESSION_2 := tests/test_many_runs.py tests/test_experiments.py tests/test_reliability.py \
