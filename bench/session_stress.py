@@ -67,7 +67,8 @@ def stop_hogs() -> None:
 def report_stall(kind: str, deadline: float) -> None:
     """Called by the watchdog: print what the session holds and where the driver waits, then exit 2."""
     import ray
-    from ray.util.state import list_actors
+
+    from raydpo import cluster
 
     print(f"\nSTALL: '{kind}' still running after {deadline:.0f} s", flush=True)
     faulthandler.dump_traceback(all_threads=True)
@@ -76,9 +77,7 @@ def report_stall(kind: str, deadline: float) -> None:
         groups = {pg: info["state"] for pg, info in ray.util.placement_group_table().items()
                   if info["state"] != "REMOVED"}
         print("placement groups not removed:", groups, flush=True)
-        webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
-        for actor in list_actors(address=f"http://{webui}" if webui else None, detail=True, limit=10000,
-                                 filters=[("state", "!=", "DEAD")]):
+        for actor in cluster.session_actors([("state", "!=", "DEAD")]):
             print(f"  actor {actor.class_name} {actor.state} pid={actor.pid} {actor.required_resources}", flush=True)
         print("session logs:", ray._private.worker.global_worker.node.get_logs_dir_path(), flush=True)
     finally:
@@ -115,10 +114,11 @@ def main():
                 result = one_run(model, rows, overrides, os.path.join(work, f"run{i}"))
                 watchdog.cancel()
                 left = cluster.leftovers()
+                held = bool(left["placement_groups"] or left["cpus_in_use"])
                 results.append((kind, result))
                 print(f"{i:>4}  {kind:<32} {result['seconds']:7.1f} s  to step 1 {result['to step 1']:6.1f} s  "
-                      f"leftovers {left if left['placement_groups'] or left['cpus_in_use'] else 'none'}", flush=True)
-                if left["placement_groups"] or left["cpus_in_use"]:
+                      f"leftovers {left if held else 'none'}", flush=True)
+                if held:
                     print("a run left resources behind: a later run would wait for them", flush=True)
                     return 1
                 i += 1

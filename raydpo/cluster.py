@@ -190,8 +190,6 @@ def leftovers(wait_s: float = 30.0) -> dict:
     every test that used the shared session (tests/conftest.py)."""
     import time
 
-    from ray.util.state import list_actors
-
     deadline = time.monotonic() + wait_s
     while True:
         groups = [f"{pg_id[:8]} {info.get('name') or ''} {info['state']} {info['bundles']}".strip()
@@ -202,12 +200,18 @@ def leftovers(wait_s: float = 30.0) -> dict:
         time.sleep(0.05)  # two GCS reads a round: polling often costs little, and most waits are short
     actors = []
     if groups or in_use >= 1e-6:
-        webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
         try:
             actors = [f"{a.class_name} pid={a.pid} {a.required_resources}"
-                      for a in list_actors(address=f"http://{webui}" if webui else None,
-                                           filters=[("state", "=", "ALIVE")], detail=True)
-                      if a.required_resources.get("CPU")]
+                      for a in session_actors([("state", "=", "ALIVE")]) if a.required_resources.get("CPU")]
         except Exception as error:  # the state API is a diagnosis here, not the check
             actors = [f"(actors unknown: {error})"]
     return {"placement_groups": groups, "actors": actors, "cpus_in_use": round(in_use, 3)}
+
+
+def session_actors(filters: list) -> list:
+    """This session's actors matching `filters` (Ray state API filters), asked of this session's own
+    dashboard: with no address the state API looks for "the" Ray instance on the machine."""
+    from ray.util.state import list_actors
+
+    webui = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    return list_actors(address=f"http://{webui}" if webui else None, filters=filters, detail=True, limit=10000)
