@@ -14,11 +14,11 @@ Tokenizer: SmolLM2-135M-Instruct's (49,152 tokens), from ~/.cache/raydpo/smollm2
     the keep_start filter) with dataset_num_proc = that many processes. Each side runs once on a
     small slice first, so neither pays its worker start-up in the timed run.
 
-(b) A training worker's data memory: one Ray Train worker (TorchTrainer, ContiguousShards, raydpo's
-    CPU worker environment, as `DPOTrainer.train` starts it) reads its shard and runs one epoch of
-    micro-batches' rows from it (group_by_length order, batch 8), with no model. "arrow" is what
-    the loop does now (`Shard.read` of the worker's DataIterator, `Shard.take` per batch); "rows" is
-    what it did before (`list(iter_rows())`, a dict per row). Reported per size: the shard's Arrow
+(b) A training worker's data memory: one Ray Train worker (TorchTrainer, its shard's block refs from
+    `contiguous_shards`, raydpo's CPU worker environment, as `DPOTrainer.train` starts it) reads its
+    shard and runs one epoch of micro-batches' rows from it (group_by_length order, batch 8), with no
+    model. "arrow" is what the loop does now (a `Shard` of the blocks, `Shard.take` per batch); "rows"
+    is what it did before (`list(iter_rows())`, a dict per row). Reported per size: the shard's Arrow
     bytes, and the worker's resident memory beyond its RSS before it read the shard: at the end
     (RSS, and USS: the pages private to the process) and at its peak (RSS sampled every 10 ms).
     The tokenized rows are tokenized once and repeated, in blocks of 256 rows (tokenize's map_batches
@@ -126,7 +126,8 @@ def repeated_dataset(table, size: int):
 def memory_loop(config: dict) -> None:
     """One worker: read the shard the way `mode` says, run an epoch of batches' rows, write the numbers."""
     import psutil
-    import ray.train
+    import ray
+    import ray.data
 
     from raydpo.data.batching import epoch_order
     from raydpo.data.shard import Shard
@@ -143,12 +144,11 @@ def memory_loop(config: dict) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    source = ray.train.get_dataset_shard("train")
     if config["mode"] == "arrow":
-        rows = Shard.read(source)
+        rows = Shard(ray.get(config["blocks"]))
         lengths, take, nbytes = rows.lengths(MAX_LENGTH), rows.take, rows.nbytes
     else:  # the loop before data/shard.py
-        rows = list(source.iter_rows())
+        rows = list(ray.data.from_arrow_refs(config["blocks"]).iter_rows())
         lengths = [min(MAX_LENGTH, len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])))
                    for r in rows]
         take, nbytes = (lambda indices: [rows[i] for i in indices]), 0
@@ -172,7 +172,7 @@ def worker_memory(sizes: list, old_sizes: list) -> list:
     from ray.train.torch import TorchTrainer
 
     from raydpo.cluster import cpu_process_env
-    from raydpo.data.shards import ContiguousShards
+    from raydpo.data.shards import contiguous_shards
 
     table = tokenized_table()
     results = []
@@ -183,11 +183,11 @@ def worker_memory(sizes: list, old_sizes: list) -> list:
                 if (mode == "arrow" and size not in sizes) or (mode == "rows" and size not in old_sizes):
                     continue
                 out = os.path.join(directory, f"{mode}-{size}.json")
-                TorchTrainer(memory_loop, train_loop_config={"mode": mode, "out": out},
+                blocks = contiguous_shards(dataset, 1)[0]
+                TorchTrainer(memory_loop, train_loop_config={"mode": mode, "out": out, "blocks": blocks},
                              scaling_config=ray.train.ScalingConfig(num_workers=1),
                              run_config=ray.train.RunConfig(name=f"data-scale-{mode}-{size}", storage_path=directory,
-                                                            worker_runtime_env={"env_vars": cpu_process_env()}),
-                             datasets={"train": dataset}, dataset_config=ContiguousShards()).fit()
+                                                            worker_runtime_env={"env_vars": cpu_process_env()})).fit()
                 with open(out) as f:
                     result = {"mode": mode, **json.load(f)}
                 results.append(result)

@@ -144,3 +144,23 @@ def test_a_ray_data_iterator_reads_into_the_same_rows(ray_session):
     for new, before in zip(taken, old):  # the old path's numbers (NaN for a null float) are the same
         assert new["prompt_ids"] == before["prompt_ids"] and new["rejected_ids"] == before["rejected_ids"]
         assert new["ref_chosen_logps"] == before["ref_chosen_logps"] or np.isnan(before["ref_chosen_logps"])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_contiguous_shards_give_each_worker_its_rows_in_order(ray_session, world_size):
+    """Worker r reads rows [r*N/W, (r+1)*N/W) from its block refs: every row once, in order, the
+    remainder spread as N*r//W spreads it, and blocks cut where a split falls inside one."""
+    import ray
+
+    from raydpo.data.shards import contiguous_shards
+
+    rows = pair_rows(31)
+    ds = ray.data.from_arrow(blocks_of(rows, 8)).materialize()  # blocks of 8: 8, 8, 8, 7 rows
+    shards = contiguous_shards(ds, world_size)
+    assert len(shards) == world_size
+    read = 0
+    for rank, refs in enumerate(shards):
+        shard = Shard(ray.get(refs))  # what the worker of that rank does (run_context.shard)
+        assert shard.take(range(len(shard))) == rows[31 * rank // world_size:31 * (rank + 1) // world_size], rank
+        read += len(shard)
+    assert read == 31

@@ -1,6 +1,6 @@
 """A worker's rows as Arrow columns: what the training loop holds of its data shard for the whole run.
 
-Ray Data hands each worker its contiguous shard (shards.py) as Arrow blocks: token ids are
+Each worker fetches its contiguous shard (shards.py) as Arrow blocks from the object store: token ids are
 list<int32> columns (tokenize.TOKENIZED_SCHEMA), a flat int32 buffer plus offsets per block. `Shard`
 keeps those blocks as they come, so the shard costs about 4 bytes per token, not the ~10 KB per pair
 a Python dict with lists of ints per row costs. Only a micro-batch's rows become dicts (`take`), when
@@ -45,7 +45,7 @@ class Shard:
 
     @classmethod
     def read(cls, source) -> "Shard":
-        """Read a Ray Data DataIterator (a worker's `get_dataset_shard`) or Dataset, block by block.
+        """Read a Ray Data Dataset or DataIterator (the driver's evaluation reads a whole dataset), block by block.
 
         batch_size=None yields whole blocks, as Arrow tables, without re-batching them; no row is
         turned into a Python object."""

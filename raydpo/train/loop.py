@@ -53,10 +53,10 @@ def train_loop_per_worker(loop_config: dict):
     worker.train()
 
 
-def train_in_process(spec: WorkerSpec, datasets: dict, run_dir: str, keeper: CheckpointKeeper) -> None:
+def train_in_process(spec: WorkerSpec, run_dir: str, keeper: CheckpointKeeper) -> None:
     """Local mode (num_workers=0): the same loop in this process, as the only worker (run_context.py)."""
     config = process_config(spec)
-    DPOWorker.setup(spec, config, LocalRunContext(spec, config, datasets, run_dir, keeper)).train()
+    DPOWorker.setup(spec, config, LocalRunContext(spec, config, run_dir, keeper)).train()
 
 
 def process_config(spec: WorkerSpec) -> DPOConfig:

@@ -59,12 +59,18 @@ def given_checkpoint(spec: WorkerSpec) -> ContextManager[Optional[str]]:
 
 
 class _HistoryContext:
-    """What both contexts send to the run's MetricsHistory actor (history.py): start-up marks, logged rows,
-    and the driver's answer to "may I go on?"."""
+    """What both contexts share: the data shard the spec names, and what they send to the run's
+    MetricsHistory actor (history.py): start-up marks, logged rows, and the driver's answer to "may I
+    go on?"."""
 
     spec: WorkerSpec
     rank: int
     clock: StartupClock
+
+    def shard(self, name: str) -> Shard:
+        """This worker's contiguous shard of the "train" or "eval" dataset (data/shards.py), kept as the
+        Arrow blocks the object store holds (data/shard.py), not as a Python dict per row."""
+        return Shard(ray.get(self.spec.shards[name][self.rank]))
 
     def startup_mark(self, phase: str) -> None:
         """Rank 0 notes when it reaches the end of a start-up phase (startup.PHASES); at the first
@@ -105,11 +111,6 @@ class RayRunContext(_HistoryContext):
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))
         self.clock = prepare_process(config, self.rank, context.get_local_world_size())
-
-    def shard(self, name: str) -> Shard:
-        """This worker's contiguous shard of the "train" or "eval" dataset (data/shards.py), kept as
-        the Arrow blocks Ray Data delivers (data/shard.py), not as a Python dict per row."""
-        return Shard.read(ray.train.get_dataset_shard(name))
 
     def resume_dir(self) -> ContextManager[Optional[str]]:
         """The checkpoint folder to resume from, while the block runs: the latest one when Ray Train
@@ -178,11 +179,12 @@ class CheckpointKeeper:
 
 class LocalRunContext(_HistoryContext):
     """Local mode (num_workers=0): the loop runs in the driver's own process, as rank 0 of one, on the whole
-    dataset. Checkpoints go straight to `run_dir` (the folder Ray Train would use: storage/run_name), each
-    published whole (written aside, then renamed or uploaded), and `keeper` applies save_total_limit."""
+    dataset (the spec's one shard). Checkpoints go straight to `run_dir` (the folder Ray Train would use:
+    storage/run_name), each published whole (written aside, then renamed or uploaded), and `keeper`
+    applies save_total_limit."""
 
-    def __init__(self, spec: WorkerSpec, config: DPOConfig, datasets: dict, run_dir: str, keeper: CheckpointKeeper):
-        self.spec, self.datasets, self.run_dir, self.keeper = spec, datasets, run_dir, keeper
+    def __init__(self, spec: WorkerSpec, config: DPOConfig, run_dir: str, keeper: CheckpointKeeper):
+        self.spec, self.run_dir, self.keeper = spec, run_dir, keeper
         self.rank, self.world_size = 0, 1
         os.environ.setdefault("LOCAL_RANK", "0")
         self.clock = prepare_process(config, self.rank, 1, new_process=False)
@@ -193,12 +195,6 @@ class LocalRunContext(_HistoryContext):
         elif torch.distributed.get_world_size() != 1:
             raise RuntimeError("num_workers=0 (local mode) runs in this process, which is already one of "
                                f"{torch.distributed.get_world_size()} processes of a torch.distributed group")
-
-    def shard(self, name: str) -> Shard:
-        """The whole dataset: what ContiguousShards gives the only worker."""
-        dataset = self.datasets[name]
-        dataset.context.enable_progress_bars = False  # this dataset's own copy of Ray Data's context
-        return Shard.read(dataset.iterator())
 
     def resume_dir(self) -> ContextManager[Optional[str]]:
         """resume_from_checkpoint (None for a fresh start): nothing restarts a local run."""

@@ -41,6 +41,9 @@ class WorkerSpec:
     ref_model: Optional[str]  # None with PEFT: the reference is inside the policy
     tokenizer: Any  # the processing class: saved with each checkpoint; a processor's image processor batches images
     pad_token_id: int
+    # {"train", "eval" (with an eval set)}: per worker rank, the object refs of its contiguous shard's Arrow
+    # blocks (data/shards.py)
+    shards: dict = field(default_factory=dict)
     history: Any = None  # the MetricsHistory actor's handle
     peft_config: Any = None
     resume_from_checkpoint: Optional[str] = None

@@ -18,7 +18,7 @@ from raydpo import cluster, hub, storage
 from raydpo.config import DPOConfig
 from raydpo.data.images import text_tokenizer
 from raydpo.data.tokenize import prepare_dataset
-from raydpo.data.shards import ContiguousShards
+from raydpo.data.shards import contiguous_shards
 from raydpo.train.backend import TorchBackendConfig
 from raydpo.train.callbacks import CallbackHandler
 from raydpo.train.checkpoint import MODEL_DIR
@@ -133,14 +133,14 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     spec = WorkerSpec(
         config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
         pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
+        shards={name: contiguous_shards(data.dataset, max(1, config.num_workers)) for name, data in datasets.items()},
         resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
         driver_events=handler is not None,  # rank 0 also sends ("save", step) events
         wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
     if config.num_workers == 0:  # local mode: the loop in this process, as Ray Train's num_workers=0
-        run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode, datasets)
+        run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode)
     else:
-        run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks,
-                             datasets)
+        run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks)
     cluster.quiet_logs(config.log_level)
     if handler is not None:
         handler.train_begin(plan, storage.join(storage_path, run_name))
@@ -159,21 +159,20 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
                        startup=startup_seconds(fit_start, marks))
 
 
-def _local_run(spec: WorkerSpec, config: DPOConfig, run_dir: str, best_metric: Optional[str], best_mode: str,
-               datasets: dict):
+def _local_run(spec: WorkerSpec, config: DPOConfig, run_dir: str, best_metric: Optional[str], best_mode: str):
     """Local mode's counterpart of _ray_train_run: the loop in this process (loop.train_in_process), its
     checkpoints kept in run_dir by Ray Train's rule (run_context.CheckpointKeeper)."""
     keeper = CheckpointKeeper(config.save_total_limit, best_metric, best_mode)
 
     def run() -> Optional[str]:
-        train_in_process(spec, {name: data.dataset for name, data in datasets.items()}, run_dir, keeper)
+        train_in_process(spec, run_dir, keeper)
         return keeper.best(best_metric, best_mode) if best_metric else keeper.latest
 
     return run
 
 
 def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str, storage_path: str,
-                   best_metric: Optional[str], best_mode: str, callbacks, datasets: dict):
+                   best_metric: Optional[str], best_mode: str, callbacks):
     """A function that runs `spec` with Ray Train's TorchTrainer and returns the path (or URI) of its final
     checkpoint: the best one by `best_metric`, else the latest; None when none was saved."""
     trainer = TorchTrainer(
@@ -199,8 +198,7 @@ def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=cluster.ray_log_level(config.log_level)),
             worker_runtime_env={"env_vars": cluster.cpu_process_env()} if not config.use_gpu else None),
-        datasets={name: data.dataset for name, data in datasets.items()},
-        dataset_config=ContiguousShards(),
+        # no `datasets`: each worker's shard is in the spec (data/shards.py), so no DatasetManager actor
     )
     cluster.set_train_poll_interval(config.num_workers)  # how often the controller asks the workers (see there)
     # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
