@@ -56,6 +56,24 @@ def test_token_metrics_match_definition(chunk_size):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_entropy_of_a_peaked_distribution_keeps_float32_precision():
+    """Two tied logits of 50 over a vocabulary of 32 near 0: entropy log 2 (the rest adds ~1e-20), and
+    sum_v p_v^2 = 1/2 for WPO. Computed through exp(z - lse), lse's rounding (~4e-6 at 50.7) reaches
+    every p and the entropy was 7e-5 off; normalised by the exponentials' own sum it is 1.4e-6 off, what
+    rounding lse itself to float32 leaves (its spacing at 50.7 is 3.8e-6)."""
+    batch = collate([{"prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}], pad_token_id=0)
+    torch.manual_seed(2)
+    logits = torch.randn(*batch.input_ids.shape, 32) * 0.1
+    logits[:, :, 3] = logits[:, :, 7] = 50.0
+    stats = completion_stats(logits, batch.input_ids, batch.completion_mask, metrics=True, wpo=True)
+    assert (stats.entropy / stats.tokens).tolist() == pytest.approx([math.log(2)] * 2, abs=2e-6)
+    # WPO's per-sequence sum of log p_t - log sum_v p_v^2, from float64 softmaxes
+    z = logits.double()
+    direct = [sum(torch.log_softmax(z[b, t - 1], -1)[batch.input_ids[b, t]].item() - math.log(0.5)
+                  for t in range(1, z.shape[1]) if batch.completion_mask[b, t]) for b in range(2)]
+    assert stats.wpo.tolist() == pytest.approx(direct, abs=1e-5)
+
+
 def test_bf16_logits_are_scored_in_float32():
     batch = collate(ROWS, pad_token_id=0)
     torch.manual_seed(1)
