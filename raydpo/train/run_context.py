@@ -58,7 +58,7 @@ def given_checkpoint(spec: WorkerSpec) -> ContextManager[Optional[str]]:
     return contextlib.nullcontext(path)
 
 
-class _HistoryContext:
+class _SharedContext:
     """What both contexts share: the data shard the spec names, and what they send to the run's
     MetricsHistory actor (history.py): start-up marks, logged rows, and the driver's answer to "may I
     go on?"."""
@@ -103,7 +103,7 @@ class _HistoryContext:
             time.sleep(0.05)
 
 
-class RayRunContext(_HistoryContext):
+class RayRunContext(_SharedContext):
     def __init__(self, spec: WorkerSpec, config: DPOConfig):
         """Prepare this Ray Train worker process for the run."""
         self.spec = spec
@@ -177,7 +177,7 @@ class CheckpointKeeper:
         return pick(scored, key=lambda entry: entry[0])[1]
 
 
-class LocalRunContext(_HistoryContext):
+class LocalRunContext(_SharedContext):
     """Local mode (num_workers=0): the loop runs in the driver's own process, as rank 0 of one, on the whole
     dataset (the spec's one shard). Checkpoints go straight to `run_dir` (the folder Ray Train would use:
     storage/run_name), each published whole (written aside, then renamed or uploaded), and `keeper`

@@ -133,7 +133,7 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     spec = WorkerSpec(
         config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
         pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
-        shards={name: contiguous_shards(data.dataset, max(1, config.num_workers)) for name, data in datasets.items()},
+        shards={name: contiguous_shards(data.dataset, config.world_size) for name, data in datasets.items()},
         resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
         driver_events=handler is not None,  # rank 0 also sends ("save", step) events
         wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
