@@ -155,3 +155,28 @@ def test_the_controller_polls_small_groups_often_and_a_users_interval_wins(monke
     monkeypatch.setattr(cluster, "_USER_POLL_INTERVAL", "3")
     cluster.set_train_poll_interval(2)
     assert os.environ[cluster._POLL_INTERVAL_ENV] == "3"
+
+
+# --- No DatasetManager actor per run (raydpo/train/trainer.py RunTrainer) ---
+
+def test_the_run_trainer_drops_only_the_datasets_callback():
+    """Without `datasets` raydpo's TorchTrainer leaves out Ray Train's DatasetsCallback (which starts a
+    DatasetManager actor per run) and keeps every other callback TorchTrainer makes, in order; given
+    datasets, it keeps that one too. tests/test_many_runs.py checks that no run of a session starts one."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from raydpo.train.backend import TorchBackendConfig
+    from raydpo.train.trainer import RunTrainer
+
+    def kinds(cls, **datasets):
+        trainer = cls(lambda: None, torch_config=TorchBackendConfig(), datasets=datasets or None,
+                      scaling_config=ray.train.ScalingConfig(num_workers=2))
+        return [type(callback) for callback in trainer._create_default_callbacks()]
+
+    ray_default = kinds(TorchTrainer)
+    assert DatasetsCallback in ray_default and len(ray_default) > 3
+    assert kinds(RunTrainer) == [kind for kind in ray_default if kind is not DatasetsCallback]
+    dataset = object()  # the callback only holds it until a run starts
+    assert kinds(RunTrainer, train=dataset) == kinds(TorchTrainer, train=dataset)

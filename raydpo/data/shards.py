@@ -14,9 +14,10 @@ def contiguous_shards(dataset: "ray.data.Dataset", world_size: int) -> List[List
 
     Ray Train's default streaming_split hands rows out dynamically and, with equal=True, may drop a
     remainder; a fixed contiguous split keeps every row and gives a restarted worker the same rows. The
-    split is made here, once per run, rather than through Ray Train's `datasets` argument, whose
-    DatasetManager is one more actor (a new process, ~2-3 s of CPU) in every run's start-up, only to
-    hand each worker blocks that already sit in the object store."""
+    split is made here, once per run, rather than through Ray Train's `datasets` argument and its
+    DatasetManager actor (a new process, ~2-3 s of CPU, in every run's start-up; train/trainer.py's
+    RunTrainer keeps Ray 2.60 from starting it anyway), only to hand each worker blocks that already sit
+    in the object store."""
     num_rows = dataset.count()
     bounds = [num_rows * rank // world_size for rank in range(1, world_size)]
     parts = dataset.split_at_indices(bounds) if bounds else [dataset]

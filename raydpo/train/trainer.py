@@ -171,11 +171,29 @@ def _local_run(spec: WorkerSpec, config: DPOConfig, run_dir: str, best_metric: O
     return run
 
 
+class RunTrainer(TorchTrainer):
+    """TorchTrainer without Ray Train's DatasetsCallback when the run is given no `datasets`.
+
+    Ray 2.60's callback starts a DatasetManager actor for every run (ray-project/ray#63309 made it an
+    actor that holds the run's datasets and splits them on request), with `datasets` empty too: a new
+    process importing Ray Train and Ray Data (~2.5 s of CPU) that raydpo never asks for a shard, since each
+    worker's shard travels in its spec (data/shards.py). The callback's other work, copying the driver's
+    Ray Data context to the workers, serves `ray.train.get_dataset_shard`, which the loop never calls.
+    tests/test_startup.py checks which callbacks remain, tests/test_many_runs.py that no run starts a
+    DatasetManager."""
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+        callbacks = super()._create_default_callbacks()
+        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
 def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str, storage_path: str,
                    best_metric: Optional[str], best_mode: str, callbacks):
     """A function that runs `spec` with Ray Train's TorchTrainer and returns the path (or URI) of its final
     checkpoint: the best one by `best_metric`, else the latest; None when none was saved."""
-    trainer = TorchTrainer(
+    trainer = RunTrainer(  # TorchTrainer without a DatasetManager actor per run
         train_loop_per_worker,
         torch_config=TorchBackendConfig(),  # TorchConfig's settings, without torch in the controller's start
         # A reference, not the spec: Ray Train's controller unpickles train_loop_config with its run context,
@@ -198,7 +216,7 @@ def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str
             callbacks=list(callbacks),
             logging_config=ray.train.LoggingConfig(log_level=cluster.ray_log_level(config.log_level)),
             worker_runtime_env={"env_vars": cluster.cpu_process_env()} if not config.use_gpu else None),
-        # no `datasets`: each worker's shard is in the spec (data/shards.py), so no DatasetManager actor
+        # no `datasets`: each worker's shard is in the spec (data/shards.py)
     )
     cluster.set_train_poll_interval(config.num_workers)  # how often the controller asks the workers (see there)
     # The loop never asks for preemption notices (ray.train.get_preemption_info); a worker lost to a
