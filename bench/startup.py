@@ -1,6 +1,6 @@
 """Start-up of short runs in one warm Ray session: where the time goes before the first step.
 
-    .venv/bin/python bench/startup.py [--runs 6] [--workers 1,2] [--steps 2]   (--workers 0: local mode)
+    .venv/bin/python bench/startup.py [--runs 6] [--workers 1,2] [--steps 2] [--by-process]   (--workers 0: local mode)
 
 One driver, one embedded Ray session, `--runs` short `DPOTrainer(...).train()` calls back to back, as a
 notebook or a script looping over configs makes them: a tiny random Llama (hidden 64, 2 layers), 40
@@ -15,7 +15,14 @@ Per run it prints the phases of TrainOutput.startup (raydpo/train/startup.py; se
 - data, model, deepspeed, reference, first step: the loop's own phases;
 - to step 1: the DPOTrainer constructor plus fit() until the first optimizer step's end;
 - after: the rest of train() (later steps, the checkpoint, shutting the worker group down);
-- run: the whole constructor plus train().
+- run: the whole constructor plus train();
+- CPU s: the machine's CPU seconds over the run (constructor plus train(), every process: /proc/stat's
+  user, nice and system time; nan where there is no /proc/stat). On a 2-core machine a run's start is
+  CPU-bound, and this column moves far less with the machine's speed of the hour than the wall clock;
+  it counts other load too, so run the bench on an otherwise idle machine.
+With --by-process it also prints, per worker count, the median CPU seconds of a warm run by process
+kind (Ray's process title, e.g. "ray::TrainController"; /proc sampled every 0.1 s, so a process that
+lives less than that is missed).
 The median of the warm runs' "to step 1", per worker count, is the number the start-up target (15 s)
 is about. 0 workers is local mode (num_workers=0: the loop in this process, so no worker group).
 """
@@ -37,21 +44,84 @@ SHORT = {"imports and process group": "imports", "data shard": "data", "model lo
          "deepspeed init": "deepspeed"}
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent in user, nice and system time since boot (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # "cpu  user nice system idle ..." in clock ticks
+    except OSError:
+        return float("nan")
+    return sum(int(ticks) for ticks in fields[1:4]) / os.sysconf("SC_CLK_TCK")
+
+
+class ProcessCPU:
+    """CPU seconds per process kind over a window, from /proc sampled by a thread every `interval` s."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.interval, self.seen, self.stop = interval, {}, threading.Event()  # seen: pid -> [kind, CPU s]
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _sample() -> dict:
+        """{pid: (kind, CPU seconds so far)} of every process readable in /proc."""
+        tick, out = os.sysconf("SC_CLK_TCK"), {}
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            kind = title.split(".")[0] if title.startswith("ray::") else os.path.basename(title.split(" ")[0])
+            out[int(pid)] = (kind, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+        return out
+
+    def _poll(self):
+        while not self.stop.is_set():
+            for pid, (kind, cpu) in self._sample().items():
+                entry = self.seen.setdefault(pid, [kind, cpu])
+                if kind.startswith("ray::") and kind not in ("ray::IDLE", "ray::"):
+                    entry[0] = kind  # an idle pooled worker takes on the actor's or task's title
+                entry[1] = cpu
+            self.stop.wait(self.interval)
+
+    def window(self) -> "callable":
+        """Start a window now; the returned function ends it and gives {kind: CPU seconds} within it."""
+        start = {pid: cpu for pid, (_, cpu) in list(self.seen.items())}  # the thread adds entries meanwhile
+
+        def end() -> dict:
+            by_kind = {}
+            for pid, (kind, last) in list(self.seen.items()):
+                spent = last - start[pid] if pid in start else last  # a new process: all of its CPU
+                if spent > 0:
+                    by_kind[kind] = by_kind.get(kind, 0.0) + spent
+            return by_kind
+
+        return end
+
+
 def one_run(model: str, rows: list, workers: int, steps: int, output_dir: str) -> dict:
     from raydpo import DPOConfig, DPOTrainer
 
     config = DPOConfig(output_dir=output_dir, num_workers=workers, max_steps=steps, logging_steps=1,
                        per_device_train_batch_size=4, max_length=32, learning_rate=1e-3, report_to="none")
-    started = time.perf_counter()
+    cpu_before, started = machine_cpu_seconds(), time.perf_counter()
     trainer = DPOTrainer(model, args=config, train_dataset=rows)
     tokenized = time.perf_counter()
     out = trainer.train()
-    finished = time.perf_counter()
+    finished, cpu_after = time.perf_counter(), machine_cpu_seconds()
     phases = dict(out.startup)
     phases["tokenize"] = tokenized - started
     phases["to step 1"] = phases["tokenize"] + phases["total"]
     phases["run"] = finished - started
     phases["after"] = phases["run"] - phases["to step 1"]
+    phases["CPU s"] = cpu_after - cpu_before
     return phases
 
 
@@ -60,6 +130,7 @@ def main():
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts, used in turn")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--by-process", action="store_true", help="CPU seconds of a warm run by process kind")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
 
@@ -74,12 +145,15 @@ def main():
         session_start = time.perf_counter()
         cluster.connect("local")
         print(f"ray.init: {time.perf_counter() - session_start:.1f} s")
-        results = []
+        results, by_process = [], []
+        sampler = ProcessCPU() if args.by_process else None
         for i in range(args.runs):
             n = workers[i % len(workers)]
+            end = sampler.window() if sampler else None
             results.append((n, one_run(model, rows, n, args.steps, os.path.join(work, f"run{i}"))))
+            by_process.append(end() if end else {})
 
-    names = COLUMNS + ["to step 1", "after", "run"]
+    names = COLUMNS + ["to step 1", "after", "run", "CPU s"]
     header = f"{'run':>4} {'workers':>7} " + " ".join(f"{SHORT.get(n, n):>12}" for n in names)
     print(header)
     print("-" * len(header))
@@ -90,6 +164,23 @@ def main():
         if warm:
             print(f"{f'median, warm, {n} workers':>20} " + " ".join(
                 f"{statistics.median(p.get(name, 0.0) for p in warm):>12.2f}" for name in names))
+    if args.by_process:
+        print_by_process(workers, [n for n, _ in results], by_process)
+
+
+def print_by_process(workers: list, counts: list, by_process: list):
+    """Per worker count, the median CPU seconds of the warm runs by process kind, largest first."""
+    for n in workers:
+        warm = [cpu for i, (count, cpu) in enumerate(zip(counts, by_process)) if i and count == n]
+        if not warm:
+            continue
+        kinds = {kind for cpu in warm for kind in cpu}
+        medians = {kind: statistics.median(cpu.get(kind, 0.0) for cpu in warm) for kind in kinds}
+        print(f"\nCPU s of a warm {n}-worker run by process kind (median of {len(warm)}):")
+        for kind, seconds in sorted(medians.items(), key=lambda item: -item[1]):
+            if seconds >= 0.05:
+                print(f"  {kind:<40} {seconds:>7.2f}")
+        print(f"  {'all':<40} {statistics.median(sum(cpu.values()) for cpu in warm):>7.2f}")
 
 
 if __name__ == "__main__":
