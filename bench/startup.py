@@ -16,13 +16,13 @@ Per run it prints the phases of TrainOutput.startup (raydpo/train/startup.py; se
 - to step 1: the DPOTrainer constructor plus fit() until the first optimizer step's end;
 - after: the rest of train() (later steps, the checkpoint, shutting the worker group down);
 - run: the whole constructor plus train();
-- CPU s: the machine's CPU seconds over the run (constructor plus train(), every process: /proc/stat's
-  user, nice and system time; nan where there is no /proc/stat). On a 2-core machine a run's start is
+- CPU s: the machine's CPU seconds over the run (constructor plus train(), every process: user, nice
+  and system time, psutil.cpu_times). On a 2-core machine a run's start is
   CPU-bound, and this column moves far less with the machine's speed of the hour than the wall clock;
   it counts other load too, so run the bench on an otherwise idle machine.
 With --by-process it also prints, per worker count, the median CPU seconds of a warm run by process
-kind (Ray's process title, e.g. "ray::TrainController"; /proc sampled every 0.1 s, so a process that
-lives less than that is missed).
+kind (Ray's process title, e.g. "ray::TrainController"; every process's CPU times sampled every 0.1 s,
+so a process that lives less than that is missed).
 The median of the warm runs' "to step 1", per worker count, is the number the start-up target (15 s)
 is about. 0 workers is local mode (num_workers=0: the loop in this process, so no worker group).
 """
@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,53 +46,39 @@ SHORT = {"imports and process group": "imports", "data shard": "data", "model lo
 
 
 def machine_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent in user, nice and system time since boot (/proc/stat)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()  # "cpu  user nice system idle ..." in clock ticks
-    except OSError:
-        return float("nan")
-    return sum(int(ticks) for ticks in fields[1:4]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has spent in user, nice and system time since boot."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return times.user + getattr(times, "nice", 0.0) + times.system
 
 
 class ProcessCPU:
-    """CPU seconds per process kind over a window, from /proc sampled by a thread every `interval` s."""
+    """CPU seconds per process kind over a window, from every process's CPU times sampled by a daemon
+    thread every `interval` s."""
 
     def __init__(self, interval: float = 0.1):
         import threading
 
-        self.interval, self.seen, self.stop = interval, {}, threading.Event()  # seen: pid -> [kind, CPU s]
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _sample() -> dict:
-        """{pid: (kind, CPU seconds so far)} of every process readable in /proc."""
-        tick, out = os.sysconf("SC_CLK_TCK"), {}
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    title = f.read().split(b"\0")[0].decode(errors="replace")
-            except OSError:
-                continue
-            kind = title.split(".")[0] if title.startswith("ray::") else os.path.basename(title.split(" ")[0])
-            out[int(pid)] = (kind, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
-        return out
+        self.interval, self.seen = interval, {}  # pid -> [kind, CPU seconds so far]
+        threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self):
-        while not self.stop.is_set():
-            for pid, (kind, cpu) in self._sample().items():
-                entry = self.seen.setdefault(pid, [kind, cpu])
+        import psutil
+
+        while True:
+            for process in psutil.process_iter(["cmdline", "cpu_times"]):
+                title, times = (process.info["cmdline"] or [""])[0], process.info["cpu_times"]
+                if times is None:  # gone, or not ours to read
+                    continue
+                kind = title.split(".")[0] if title.startswith("ray::") else os.path.basename(title.split(" ")[0])
+                entry = self.seen.setdefault(process.pid, [kind, 0.0])
                 if kind.startswith("ray::") and kind not in ("ray::IDLE", "ray::"):
                     entry[0] = kind  # an idle pooled worker takes on the actor's or task's title
-                entry[1] = cpu
-            self.stop.wait(self.interval)
+                entry[1] = times.user + times.system
+            time.sleep(self.interval)
 
-    def window(self) -> "callable":
+    def window(self) -> Callable[[], dict]:
         """Start a window now; the returned function ends it and gives {kind: CPU seconds} within it."""
         start = {pid: cpu for pid, (_, cpu) in list(self.seen.items())}  # the thread adds entries meanwhile
 

@@ -104,7 +104,8 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
     # no run (the sweep's trials included) started Ray Train's per-run DatasetManager actor: each worker's
     # shard is in its spec (raydpo.train.trainer.RunTrainer); the state API lists finished actors too
     assert cluster.session_actors([("class_name", "=", "DatasetManager")]) == []
-    assert len(cluster.session_actors([("class_name", "=", "TrainController")])) >= len(to_first_step) - 2
+    ray_train_runs = [kind for kind, overrides in KINDS if overrides and overrides.get("num_workers") != 0]
+    assert len(cluster.session_actors([("class_name", "=", "TrainController")])) >= len(ray_train_runs)
     first, last = to_first_step["1 worker, ZeRO-0"], to_first_step["1 worker, ZeRO-0 again"]
     # generous: a 2-core machine's timings vary by tens of percent; a run left waiting on resources
     # (the failure this guards) waits for minutes
