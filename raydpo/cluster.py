@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import warnings
 from typing import Optional
 
@@ -180,6 +183,27 @@ def quiet_logs(log_level: str, worker: bool = False) -> None:
     if log_level in ("passive", "warning", "error", "critical"):
         # DeepSpeed's ZeRO calls a torch.distributed function that torch deprecated; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """This process's Ctrl-C (SIGINT) and SIGUSR1 handlers as they were, whatever a Ray Train run or a
+    Tune sweep inside the block installs. Works around Ray 2.60 leaving its handlers behind:
+    TorchTrainer.fit() installs one that aborts its run and holds its controller actor (alive, torch
+    imported) until the next run replaces it; Tuner.fit() one that ends its sweep. Once they are done,
+    Ctrl-C in the driver would reach a finished run (twice logged, the third exits the process) or sweep
+    (once ignored) instead of raising KeyboardInterrupt. Only the main thread has handlers to keep."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGINT, getattr(signal, "SIGUSR1", None))
+            if number is not None}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:  # None: set outside Python, which signal.signal cannot restore
+                signal.signal(number, handler)
 
 
 def leftovers(wait_s: float = 30.0) -> dict:

@@ -11,7 +11,9 @@ again by a test of its own, paying Ray Train's start-up (~15 s) each time."""
 import csv
 import math
 import os
+import signal
 import statistics
+import time
 
 import pytest
 from ray import tune
@@ -68,6 +70,7 @@ def run_sweep(tiny_model, parity_rows, tmp_path):
 def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
     """{kind: {"trainer", "output" (or "sweep"), "dir", "leftovers"}} of every kind in KINDS, run in order."""
     runs = {}
+    handlers = driver_signal_handlers()  # the driver's Ctrl-C (and SIGUSR1) handlers: every run gives them back
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_SILENT", "true")
@@ -86,6 +89,7 @@ def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
                                      eval_dataset=parity_rows[EVAL_ROWS] if args.eval_strategy != "no" else None)
                 runs[kind] = {"trainer": trainer, "output": trainer.train(), "dir": path}
             runs[kind]["leftovers"] = cluster.leftovers()
+            runs[kind]["ctrl-c handler kept"] = driver_signal_handlers() == handlers
     return runs
 
 
@@ -95,6 +99,8 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
         run = session_runs[kind]
         left = run["leftovers"]
         assert not left["placement_groups"] and not left["cpus_in_use"], f"after {kind}: {left}"
+        # Ray Train's fit() and Tune's install SIGINT handlers that outlive them; raydpo gives the driver its own back
+        assert run["ctrl-c handler kept"], f"after {kind}: Ctrl-C still goes to a finished run or sweep"
         if overrides is None:
             assert [row["status"] for row in run["sweep"].table] == ["ok"] * 4, kind
             continue
@@ -106,6 +112,8 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
     assert cluster.session_actors([("class_name", "=", "DatasetManager")]) == []
     ray_train_runs = [kind for kind, overrides in KINDS if overrides and overrides.get("num_workers") != 0]
     assert len(cluster.session_actors([("class_name", "=", "TrainController")])) >= len(ray_train_runs)
+    # and no run's controller or metrics actor outlives it (Ray's handler held the last one's, with torch loaded)
+    assert alive_after_runs(["TrainController", "MetricsHistory"]) == []
     first, last = to_first_step["1 worker, ZeRO-0"], to_first_step["1 worker, ZeRO-0 again"]
     # generous: a 2-core machine's timings vary by tens of percent; a run left waiting on resources
     # (the failure this guards) waits for minutes
@@ -190,6 +198,22 @@ def test_sweep_runs_trials_and_reports(session_runs, capsys, monkeypatch):
     capsys.readouterr()
     assert cli(["report", result.results_dir]) == 0
     assert "<- best" in capsys.readouterr().out and os.path.exists(result.plot_path)
+
+
+def driver_signal_handlers():
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+
+
+def alive_after_runs(class_names, wait_s=30.0):
+    """The session's actors of these classes still alive `wait_s` after the runs (Ray ends an actor
+    asynchronously once its last handle is gone)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [f"{a.class_name} pid={a.pid}" for a in cluster.session_actors([("state", "=", "ALIVE")])
+                 if a.class_name in class_names]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def assert_tracked(tmp_path, history):

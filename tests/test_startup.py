@@ -180,3 +180,41 @@ def test_the_run_trainer_drops_only_the_datasets_callback():
     assert kinds(RunTrainer) == [kind for kind in ray_default if kind is not DatasetsCallback]
     dataset = object()  # the callback only holds it until a run starts
     assert kinds(RunTrainer, train=dataset) == kinds(TorchTrainer, train=dataset)
+
+
+def test_a_run_and_a_sweep_give_the_driver_its_signal_handlers_back(monkeypatch):
+    """Ray 2.60's Ray Train fit() and Tune's install SIGINT (Tune also SIGUSR1) handlers and leave them
+    behind; RunTrainer and the sweep (cluster.signal_handlers_kept) put the driver's back, on success
+    and on error. Here Ray's controller start is stood in for by a function that installs a handler as
+    Ray's does; tests/test_many_runs.py checks real runs and a real sweep."""
+    import signal
+
+    import ray.train
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from raydpo.cluster import signal_handlers_kept
+    from raydpo.train.backend import TorchBackendConfig
+    from raydpo.train.trainer import RunTrainer
+
+    def installs_handlers(self, fail=False, **kwargs):
+        signal.signal(signal.SIGINT, lambda *args: None)  # Ray's holds the run's controller
+        signal.signal(signal.SIGUSR1, lambda *args: None)
+        if fail:
+            raise RuntimeError("the run failed")
+        return "result"
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", installs_handlers)
+    trainer = RunTrainer(lambda: None, torch_config=TorchBackendConfig(),
+                         scaling_config=ray.train.ScalingConfig(num_workers=1))
+    assert trainer._initialize_and_run_controller() == "result"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
+    try:
+        trainer._initialize_and_run_controller(fail=True)
+    except RuntimeError:
+        pass
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
+    with signal_handlers_kept():
+        installs_handlers(None)
+        assert signal.getsignal(signal.SIGINT) != before[0]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before

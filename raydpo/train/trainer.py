@@ -180,13 +180,25 @@ class RunTrainer(TorchTrainer):
     worker's shard travels in its spec (data/shards.py). The callback's other work, copying the driver's
     Ray Data context to the workers, serves `ray.train.get_dataset_shard`, which the loop never calls.
     tests/test_startup.py checks which callbacks remain, tests/test_many_runs.py that no run starts a
-    DatasetManager."""
+    DatasetManager.
+
+    It also gives the driver back its Ctrl-C handler when the run ends (cluster.signal_handlers_kept).
+    Ray 2.60's fit() installs a SIGINT handler that aborts the run (DataParallelTrainer.
+    _register_sigint_handler) and never removes it: after the run, Ctrl-C in the driver (a notebook, a
+    script looping over configs) only logs "aborting" to the finished run, twice, and the third exits the
+    process; and the handler's closure holds the finished run's controller, so that actor (torch
+    imported) and what it holds, the run's MetricsHistory, stay alive until the next run replaces the
+    handler. tests/test_many_runs.py checks both after every run."""
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
         callbacks = super()._create_default_callbacks()
         return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        with cluster.signal_handlers_kept():
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str, storage_path: str,

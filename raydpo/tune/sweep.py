@@ -206,7 +206,8 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     )
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
-    with environment_kept("TUNE_DISABLE_STRICT_METRIC_CHECKING"), driver_mlflow_kept():
+    # (and Tune's Ctrl-C handler, which outlives the sweep in Ray 2.60: cluster.signal_handlers_kept)
+    with environment_kept("TUNE_DISABLE_STRICT_METRIC_CHECKING"), driver_mlflow_kept(), cluster.signal_handlers_kept():
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         grid = tuner.fit()  # (Tune's MLflow callback repoints this process's MLflow: given back after)
     records = [_trial_record(result, space, results_dir) for result in grid]
