@@ -68,7 +68,8 @@ def run_sweep(tiny_model, parity_rows, tmp_path):
 
 @pytest.fixture(scope="module")
 def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
-    """{kind: {"trainer", "output" (or "sweep"), "dir", "leftovers"}} of every kind in KINDS, run in order."""
+    """{kind: {"trainer", "output" (or "sweep"), "dir", "leftovers", "ctrl-c handler kept"}} of every kind
+    in KINDS, run in order."""
     runs = {}
     handlers = driver_signal_handlers()  # the driver's Ctrl-C (and SIGUSR1) handlers: every run gives them back
     with pytest.MonkeyPatch.context() as env:

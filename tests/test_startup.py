@@ -2,6 +2,8 @@
 
 import sys
 
+import pytest
+
 from raydpo.train.startup import PHASES, StartupClock, startup_seconds
 
 
@@ -209,10 +211,8 @@ def test_a_run_and_a_sweep_give_the_driver_its_signal_handlers_back(monkeypatch)
                          scaling_config=ray.train.ScalingConfig(num_workers=1))
     assert trainer._initialize_and_run_controller() == "result"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
-    try:
+    with pytest.raises(RuntimeError, match="the run failed"):
         trainer._initialize_and_run_controller(fail=True)
-    except RuntimeError:
-        pass
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
     with signal_handlers_kept():
         installs_handlers(None)
