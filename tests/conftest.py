@@ -21,10 +21,10 @@ def ray_session():
 
     from raydpo import cluster
 
-    # The dashboard serves the state API that Ray Train V2's placement-group cleanup queries: without
-    # it a finished run can keep its placement group, and the next run waits for CPUs forever.
-    # cluster.connect also names that dashboard to the cleaner (see there), which otherwise fails when
-    # a test starts a second Ray instance on this machine.
+    # The dashboard serves the state API, which the tests ask about actors (cluster.session_actors), and
+    # which Ray Train V2's own placement-group cleaner queries where raydpo's session cleaner is not used
+    # (raydpo/placement_group_cleaner.py). cluster.connect names that dashboard to every Ray process of
+    # the session (see there); the state API otherwise fails when a test starts a second Ray instance.
     cluster.connect("local", num_cpus=2,
                     runtime_env={"env_vars": {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"],
                                               "TOKENIZERS_PARALLELISM": "false"}})

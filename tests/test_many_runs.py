@@ -16,9 +16,11 @@ import statistics
 import time
 
 import pytest
+import ray
 from ray import tune
 
 from raydpo import DPOConfig, DPOTrainer, cluster
+from raydpo.placement_group_cleaner import session_cleaner
 from raydpo.tune import sweep
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -115,11 +117,50 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
     assert len(cluster.session_actors([("class_name", "=", "TrainController")])) >= len(ray_train_runs)
     # and no run's controller or metrics actor outlives it (Ray's handler held the last one's, with torch loaded)
     assert alive_after_runs(["TrainController", "MetricsHistory"]) == []
+    # every Ray Train run, each sweep trial's too, had its placement group watched by the session's one
+    # cleaner (raydpo/placement_group_cleaner.py), none by a cleaner actor of its own, and unwatched it at its end
+    assert cluster.session_actors([("class_name", "=", "PlacementGroupCleaner")]) == []
+    cleaner = ray.get(session_cleaner().status.remote())
+    assert cleaner["registered"] >= len(ray_train_runs) + 4 and cleaner["watched"] == {}, cleaner
+    assert cleaner["removed"] == [], cleaner  # no controller died
     first, last = to_first_step["1 worker, ZeRO-0"], to_first_step["1 worker, ZeRO-0 again"]
     # generous: a 2-core machine's timings vary by tens of percent; a run left waiting on resources
     # (the failure this guards) waits for minutes
     assert last < 2.5 * first + 10, to_first_step
     assert max(to_first_step.values()) < 4 * statistics.median(to_first_step.values()) + 10, to_first_step
+
+
+def test_the_session_cleaner_removes_only_a_dead_controllers_placement_group(ray_session):
+    """raydpo/placement_group_cleaner.py with stand-ins for Ray Train's controllers (actors that create a
+    placement group, as a controller does for its workers): the one killed while watched loses its group
+    within a few of the cleaner's checks; the one that unwatched first (a run's normal end) keeps its group,
+    which its own shutdown removes. One cleaner serves the whole driver."""
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start(self):
+            self.group = placement_group([{"CPU": 0.1}])
+            ray.get(self.group.ready())
+            return ray.get_runtime_context().get_actor_id(), self.group
+
+    cleaner = session_cleaner()
+    assert session_cleaner()._actor_id == cleaner._actor_id  # get-or-create: the same actor for every run
+    killed, ended = Controller.remote(), Controller.remote()
+    (killed_id, killed_group), (ended_id, ended_group) = ray.get([killed.start.remote(), ended.start.remote()])
+    ray.get([cleaner.watch.remote(killed_id, killed_group), cleaner.watch.remote(ended_id, ended_group)])
+    ray.get(cleaner.unwatch.remote(ended_id))
+    ray.kill(killed)
+    ray.kill(ended)
+    deadline = time.monotonic() + 30
+    while placement_group_table(killed_group)["state"] != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert placement_group_table(killed_group)["state"] == "REMOVED"
+    status = ray.get(cleaner.status.remote())
+    assert killed_group.id.hex() in status["removed"] and killed_id not in status["watched"], status
+    time.sleep(3)  # three more checks: the unwatched controller's group is not the cleaner's to remove
+    assert placement_group_table(ended_group)["state"] == "CREATED"
+    remove_placement_group(ended_group)
 
 
 @pytest.mark.parametrize("kind", TWO_WORKERS)

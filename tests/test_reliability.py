@@ -90,6 +90,41 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(steady_run, tiny_mod
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_a_killed_controller_gives_back_its_placement_group(ray_session, tiny_model, parity_rows, tmp_path):
+    """What the session's placement-group cleaner is for (raydpo/placement_group_cleaner.py): a run's Ray
+    Train controller killed mid-run from outside, as the out-of-memory killer or a forced Tune stop would
+    end it. The run raises, and its workers' placement group is removed within seconds instead of holding
+    their CPUs until the driver exits, so the next run of the session starts."""
+    import ray
+
+    from raydpo import cluster
+    from raydpo.placement_group_cleaner import session_cleaner
+
+    cleaner = session_cleaner()
+    before = ray.get(cleaner.status.remote())
+    killed = []
+
+    def kill_the_controller():
+        _wait(lambda: ray.get(cleaner.status.remote())["watched"])  # the run's worker group is up
+        controller_id = next(iter(ray.get(cleaner.status.remote())["watched"]))
+        [actor] = cluster.session_actors([("actor_id", "=", controller_id)])
+        psutil.Process(actor.pid).kill()  # SIGKILL, mid-run
+        killed.append(actor.pid)
+
+    killer = threading.Thread(target=kill_the_controller)
+    killer.start()
+    with pytest.raises(ray.exceptions.RayActorError):
+        DPOTrainer(tiny_model, args=config(tmp_path, num_workers=1, max_steps=10 ** 4, save_strategy="no"),
+                   train_dataset=parity_rows[:80]).train()
+    killer.join()
+    assert killed, "no controller was found to kill"
+    left = cluster.leftovers()
+    assert not left["placement_groups"] and not left["cpus_in_use"], left
+    after = ray.get(cleaner.status.remote())
+    assert len(after["removed"]) == len(before["removed"]) + 1 and after["watched"] == {}, after
+
+
 class _Boom:
     def __reduce__(self):  # unpickling this would run code: it must be refused
         return (open, (str(_Boom.marker), "w"))

@@ -159,27 +159,38 @@ def test_the_controller_polls_small_groups_often_and_a_users_interval_wins(monke
     assert os.environ[cluster._POLL_INTERVAL_ENV] == "3"
 
 
-# --- No DatasetManager actor per run (raydpo/train/trainer.py RunTrainer) ---
+# --- No DatasetManager actor, and no cleaner actor, per run (raydpo/train/trainer.py RunTrainer) ---
 
-def test_the_run_trainer_drops_only_the_datasets_callback():
+def test_the_run_trainer_drops_the_datasets_callback_and_swaps_the_cleaner():
     """Without `datasets` raydpo's TorchTrainer leaves out Ray Train's DatasetsCallback (which starts a
-    DatasetManager actor per run) and keeps every other callback TorchTrainer makes, in order; given
-    datasets, it keeps that one too. tests/test_many_runs.py checks that no run of a session starts one."""
+    DatasetManager actor per run); given the session's placement-group cleaner, it puts
+    SessionCleanerCallback (holding that cleaner) where Ray's PlacementGroupCleanerCallback (a new
+    cleaner actor per run) was. Every other callback TorchTrainer makes stays, in order; given datasets
+    and no cleaner, the callbacks are TorchTrainer's. tests/test_many_runs.py checks real runs."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+    from raydpo.placement_group_cleaner import SessionCleanerCallback
     from raydpo.train.backend import TorchBackendConfig
     from raydpo.train.trainer import RunTrainer
 
-    def kinds(cls, **datasets):
+    def callbacks(cls, cleaner=None, **datasets):
+        extra = {"cleaner": cleaner} if cls is RunTrainer else {}
         trainer = cls(lambda: None, torch_config=TorchBackendConfig(), datasets=datasets or None,
-                      scaling_config=ray.train.ScalingConfig(num_workers=2))
-        return [type(callback) for callback in trainer._create_default_callbacks()]
+                      scaling_config=ray.train.ScalingConfig(num_workers=2), **extra)
+        return trainer._create_default_callbacks()
 
+    kinds = lambda *args, **kwargs: [type(c) for c in callbacks(*args, **kwargs)]  # noqa: E731
     ray_default = kinds(TorchTrainer)
-    assert DatasetsCallback in ray_default and len(ray_default) > 3
+    assert DatasetsCallback in ray_default and PlacementGroupCleanerCallback in ray_default and len(ray_default) > 3
     assert kinds(RunTrainer) == [kind for kind in ray_default if kind is not DatasetsCallback]
+    cleaner = object()  # stands in for the actor handle: the callback only holds it until the controller runs
+    swapped = callbacks(RunTrainer, cleaner)
+    assert [type(c) for c in swapped] == [SessionCleanerCallback if kind is PlacementGroupCleanerCallback else kind
+                                          for kind in ray_default if kind is not DatasetsCallback]
+    assert [c._cleaner for c in swapped if isinstance(c, SessionCleanerCallback)] == [cleaner]
     dataset = object()  # the callback only holds it until a run starts
     assert kinds(RunTrainer, train=dataset) == kinds(TorchTrainer, train=dataset)
 

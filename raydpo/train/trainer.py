@@ -31,6 +31,7 @@ from raydpo.train.run_context import CheckpointKeeper
 from raydpo.train.startup import startup_seconds
 from raydpo.train.spec import WorkerSpec, training_plan
 from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
+from raydpo.placement_group_cleaner import SessionCleanerCallback, session_cleaner
 from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
 from raydpo.reference.streamed import close_reference_pool, open_reference_pool
@@ -172,7 +173,8 @@ def _local_run(spec: WorkerSpec, config: DPOConfig, run_dir: str, best_metric: O
 
 
 class RunTrainer(TorchTrainer):
-    """TorchTrainer without Ray Train's DatasetsCallback when the run is given no `datasets`.
+    """TorchTrainer without Ray Train's DatasetsCallback when the run is given no `datasets`, and with
+    the session's placement-group cleaner instead of a new one per run (`cleaner`, when given).
 
     Ray 2.60's callback starts a DatasetManager actor for every run (ray-project/ray#63309 made it an
     actor that holds the run's datasets and splits them on request), with `datasets` empty too: a new
@@ -190,11 +192,21 @@ class RunTrainer(TorchTrainer):
     imported) and what it holds, the run's MetricsHistory, stay alive until the next run replaces the
     handler. tests/test_many_runs.py checks both after every run."""
 
+    def __init__(self, *args, cleaner=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cleaner = cleaner  # the session's placement-group cleaner (placement_group_cleaner.py), or None
+
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
         callbacks = super()._create_default_callbacks()
-        return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if not self.datasets:
+            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if self._cleaner is not None:  # the session's cleaner instead of a new one for this run
+            callbacks = [SessionCleanerCallback(self._cleaner) if isinstance(c, PlacementGroupCleanerCallback) else c
+                         for c in callbacks]
+        return callbacks
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         with cluster.signal_handlers_kept():
@@ -205,8 +217,9 @@ def _ray_train_run(spec: WorkerSpec, config: DPOConfig, resources, run_name: str
                    best_metric: Optional[str], best_mode: str, callbacks):
     """A function that runs `spec` with Ray Train's TorchTrainer and returns the path (or URI) of its final
     checkpoint: the best one by `best_metric`, else the latest; None when none was saved."""
-    trainer = RunTrainer(  # TorchTrainer without a DatasetManager actor per run
+    trainer = RunTrainer(  # TorchTrainer without a DatasetManager actor, or a cleaner actor, per run
         train_loop_per_worker,
+        cleaner=session_cleaner(),
         torch_config=TorchBackendConfig(),  # TorchConfig's settings, without torch in the controller's start
         # A reference, not the spec: Ray Train's controller unpickles train_loop_config with its run context,
         # and the spec would import torch and transformers there (~1.7 s of the controller's start, before it

@@ -22,6 +22,7 @@ from ray import tune
 
 from raydpo import cluster, storage
 from raydpo.config import DPOConfig
+from raydpo.placement_group_cleaner import session_cleaner
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.train.trackers import (check_trackers_storage, driver_mlflow_kept, environment_kept, report_targets,
                                    sweep_trial_targets, tune_callbacks)
@@ -207,6 +208,7 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
     # (and Tune's Ctrl-C handler, which outlives the sweep in Ray 2.60: cluster.signal_handlers_kept)
+    session_cleaner()  # made by this driver, so every trial's runs share it (placement_group_cleaner.py)
     with environment_kept("TUNE_DISABLE_STRICT_METRIC_CHECKING"), driver_mlflow_kept(), cluster.signal_handlers_kept():
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         grid = tuner.fit()  # (Tune's MLflow callback repoints this process's MLflow: given back after)
