@@ -85,15 +85,15 @@ class SessionCleaner:
             # costs ~4 ms here and more in the dashboard, and needs a dashboard it can find.
             if actors(controller_id).get("State", "DEAD") != "DEAD":  # as Ray's cleaner: unknown counts as dead
                 continue
-            removed = None
-            if ray.util.placement_group_table(group).get("state", "REMOVED") != "REMOVED":
+            already_removed = ray.util.placement_group_table(group).get("state", "REMOVED") == "REMOVED"
+            if not already_removed:
                 logger.warning("The Ray Train controller %s is dead: removing its placement group %s, which "
                                "would otherwise hold its workers' resources until the driver exits",
                                controller_id, group.id.hex())
                 remove_placement_group(group)
-                removed = group.id.hex()
             with self._lock:
-                self._removed += [removed] if removed else []
+                if not already_removed:
+                    self._removed.append(group.id.hex())
                 if self._watched.get(controller_id) is group:
                     del self._watched[controller_id]
 
