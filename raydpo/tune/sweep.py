@@ -205,10 +205,10 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
                                   storage_filesystem=storage.resolve(results_dir)[0] if remote else None, verbose=1,
                                   callbacks=tune_callbacks(targets, staging if remote else results_dir)),
     )
+    session_cleaner()  # made by this driver, so every trial's runs share it (placement_group_cleaner.py)
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
     # (and Tune's Ctrl-C handler, which outlives the sweep in Ray 2.60: cluster.signal_handlers_kept)
-    session_cleaner()  # made by this driver, so every trial's runs share it (placement_group_cleaner.py)
     with environment_kept("TUNE_DISABLE_STRICT_METRIC_CHECKING"), driver_mlflow_kept(), cluster.signal_handlers_kept():
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         grid = tuner.fit()  # (Tune's MLflow callback repoints this process's MLflow: given back after)
