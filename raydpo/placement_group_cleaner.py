@@ -42,8 +42,7 @@ CHECK_INTERVAL_S = 1.0  # as Ray Train's PlacementGroupCleanerCallback
 class SessionCleaner:
     """Removes the placement group of each registered Ray Train controller found dead."""
 
-    def __init__(self, check_interval_s: float = CHECK_INTERVAL_S):
-        self._interval = check_interval_s
+    def __init__(self):
         self._lock = threading.Lock()
         self._watched = {}  # controller actor id (hex) -> its worker group's PlacementGroup
         self._registered = 0  # registrations so far (tests count the runs that used this cleaner)
@@ -68,7 +67,7 @@ class SessionCleaner:
 
     def _monitor(self):
         while True:
-            time.sleep(self._interval)
+            time.sleep(CHECK_INTERVAL_S)
             try:
                 self._sweep()
             except Exception:  # never let the thread die: Ray 2.60's cleaner thread died on an RpcError

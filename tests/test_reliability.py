@@ -35,10 +35,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(ray_session, t
     assert all(p.isfinite().all() for p in model.parameters())
 
 
-def _wait(condition, timeout=300.0):
+def _wait(condition, timeout=300.0, every=0.005):
     deadline = time.time() + timeout
     while time.time() < deadline and not condition():
-        time.sleep(0.005)
+        time.sleep(every)
 
 
 def _kill_a_worker(killed: list):
@@ -106,7 +106,7 @@ def test_a_killed_controller_gives_back_its_placement_group(ray_session, tiny_mo
     killed = []
 
     def kill_the_controller():
-        _wait(lambda: ray.get(cleaner.status.remote())["watched"])  # the run's worker group is up
+        _wait(lambda: ray.get(cleaner.status.remote())["watched"], every=0.1)  # the run's worker group is up
         controller_id = next(iter(ray.get(cleaner.status.remote())["watched"]))
         [actor] = cluster.session_actors([("actor_id", "=", controller_id)])
         psutil.Process(actor.pid).kill()  # SIGKILL, mid-run

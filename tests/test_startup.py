@@ -1,5 +1,6 @@
 """Start-up accounting (raydpo/train/startup.py) and the DeepSpeed import it measured: no Ray."""
 
+import os
 import sys
 
 import pytest
@@ -88,41 +89,109 @@ def test_the_backend_config_reaches_the_controller_without_torch():
     assert ours.train_func_context is TorchConfig().train_func_context
 
 
-def test_the_deferred_backend_hands_every_call_to_rays(monkeypatch):
-    """Every method Ray's _TorchBackend defines is handed on, with Ray's TorchConfig of the same settings
-    (a method Ray adds later fails this test rather than silently running the base class's no-op)."""
+class _FakeWorkerGroup:
+    """Ray Train V2's worker group as a backend drives it: each call runs its function here, once per
+    target rank, and is recorded as (rank, step, arguments). A function of Ray's torch module is recorded
+    under its own name whether called directly (Ray's backend) or named through raydpo's `_ray_torch`;
+    `run=False` runs nothing (a process that must not import torch)."""
+
+    def __init__(self, size, resources=None, run=True):
+        self.size, self.resources, self.run, self.calls = size, resources or {"CPU": 1}, run, []
+
+    def __len__(self):
+        return self.size
+
+    def get_resources_per_worker(self):
+        return dict(self.resources)
+
+    def _call(self, rank, fn, args, kwargs):
+        if fn.__name__ == "_ray_torch":
+            (name, *args), fn = args, None
+        else:
+            name = fn.__name__
+        self.calls.append((rank, name, tuple(args), dict(kwargs)))
+        if name == "get_address_and_port":
+            return "10.0.0.1", 29500
+        if self.run and fn is not None and name not in ("_import_worker_modules", "set_env_vars", "_set_master"):
+            return fn(*args, **kwargs)
+
+    def execute_single_async(self, rank, fn, *args, **kwargs):
+        return self._call(rank, fn, args, kwargs)
+
+    execute_single = execute_single_async
+
+    def execute_async(self, fn, *args, **kwargs):
+        return [self._call(rank, fn, args, kwargs) for rank in range(self.size)]
+
+    execute = execute_async
+
+
+def _steps(calls):
+    """The calls as steps: set_env_vars (Ray's closure) and _set_master (raydpo's) both set MASTER_ADDR and
+    MASTER_PORT from (addr, port), by keyword in Ray's and by position in raydpo's."""
+    steps = []
+    for rank, name, args, kwargs in calls:
+        if name in ("set_env_vars", "_set_master"):
+            name, args, kwargs = "set master", (), dict(zip(("addr", "port"), args), **kwargs)
+        steps.append((rank, name, args, kwargs))
+    return steps
+
+
+@pytest.mark.parametrize("size, resources, backend, init_method", [
+    (2, {"CPU": 1}, None, "env"), (1, {"CPU": 1}, None, "tcp"), (3, {"CPU": 1, "GPU": 1}, None, "env"),
+    (2, {"CPU": 1, "GPU": 1}, "gloo", "env")])
+def test_the_backend_takes_rays_steps_on_the_workers(monkeypatch, size, resources, backend, init_method):
+    """raydpo's backend runs Ray's _TorchBackend's steps (on a V2 worker group: Ray's Train V2) on the same
+    ranks, in the same order, with the same arguments, after the workers' imports; Ray's own backend and
+    raydpo's drive a recording stand-in of the worker group here. Ray's step functions are stood in for
+    too (they would join a real process group)."""
+    import ray
     from ray.train.backend import Backend
+    from ray.train.torch import config as ray_torch
     from ray.train.torch.config import TorchConfig, _TorchBackend
 
-    from raydpo.train.backend import TorchBackendConfig, _DeferredTorchBackend
+    from raydpo.train.backend import TorchBackendConfig, _WorkerSideTorchBackend
 
+    # a method Ray adds later fails here rather than silently running the base class's no-op
     public = {name for name in vars(_TorchBackend) if callable(vars(_TorchBackend)[name]) and not name.startswith("_")}
     assert public == {"on_start", "on_training_start", "on_shutdown"}
-    assert public <= set(vars(_DeferredTorchBackend))
-    assert _DeferredTorchBackend.share_cuda_visible_devices == _TorchBackend.share_cuda_visible_devices
-    assert _DeferredTorchBackend.has_replica_groups == _TorchBackend.has_replica_groups
-    assert issubclass(_DeferredTorchBackend, Backend)
+    assert issubclass(_WorkerSideTorchBackend, Backend)
+    assert _WorkerSideTorchBackend.share_cuda_visible_devices == _TorchBackend.share_cuda_visible_devices
+    assert _WorkerSideTorchBackend.has_replica_groups == _TorchBackend.has_replica_groups
+    for name in ("_set_torch_distributed_env_vars", "_setup_torch_process_group", "_shutdown_torch"):
+        stand_in = lambda *args, **kwargs: None  # noqa: E731
+        stand_in.__name__ = name
+        monkeypatch.setattr(ray_torch, name, stand_in)
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
 
-    calls = []
+    groups = {}
+    for kind, backend_obj, config in [("ray", _TorchBackend(), TorchConfig(backend, init_method, 60)),
+                                      ("raydpo", _WorkerSideTorchBackend(), TorchBackendConfig(backend, init_method, 60))]:
+        groups[kind] = _FakeWorkerGroup(size, resources)
+        for method in ("on_start", "on_training_start", "on_shutdown"):
+            getattr(backend_obj, method)(groups[kind], config)
+    imports = [(rank, "_import_worker_modules", (), {}) for rank in range(size)]
+    assert groups["raydpo"].calls[:size] == imports  # first, so that the imports overlap the controller's work
+    assert _steps(groups["raydpo"].calls[size:]) == _steps(groups["ray"].calls)
+    expected = backend or ("nccl" if "GPU" in resources else "gloo")
+    assert [kwargs["backend"] for _, name, _, kwargs in groups["ray"].calls
+            if name == "_setup_torch_process_group"] == [expected] * size  # the stand-in saw what Ray does
 
-    class Group:  # Ray Train's worker group, as far as on_start uses it before handing it on
-        def execute_async(self, fn):
-            calls.append(("execute_async", fn.__name__))
-            return ["ref"]
 
-    group = Group()
-    for name in public:
-        monkeypatch.setattr(_TorchBackend, name, lambda self, group, config, name=name: calls.append((name, group, config)))
-    monkeypatch.setattr("raydpo.train.backend.ray.get", lambda refs: calls.append(("get", refs)))
-    config = TorchBackendConfig(backend="gloo")
-    backend = config.backend_cls()
-    for name in sorted(public):
-        getattr(backend, name)(group, config)
-    ray_config = TorchConfig(backend="gloo")
-    # on_start: the workers start importing, Ray's setup runs, and the imports' outcome is collected
-    assert calls == [("on_shutdown", group, ray_config),
-                     ("execute_async", "_import_worker_modules"), ("on_start", group, ray_config), ("get", ["ref"]),
-                     ("on_training_start", group, ray_config)]
+def test_the_controllers_side_of_the_backend_imports_no_torch():
+    """A whole run's backend calls (on a group that runs nothing: the workers' side is elsewhere), in a
+    fresh process like a controller's: torch is never imported there."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'tests'); import ray; ray.get = lambda refs, timeout=None: refs\n"
+            "from test_startup import _FakeWorkerGroup\n"
+            "from raydpo.train.backend import TorchBackendConfig\n"
+            "config = TorchBackendConfig(); backend = config.backend_cls(); group = _FakeWorkerGroup(2, run=False)\n"
+            "[getattr(backend, m)(group, config) for m in ('on_start', 'on_training_start', 'on_shutdown')]\n"
+            "print(len(group.calls), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split()[-2:] == [b"11", b"False"], out.stdout
 
 
 def test_the_workers_import_what_they_need_next():
