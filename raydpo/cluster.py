@@ -87,6 +87,34 @@ def on_this_node():
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
+# Ray ends an actor that is not detached once its creator's handle is gone, named or not (handles that
+# `ray.get_actor` or `get_if_exists` return do not count): the driver keeps each one it created here, or
+# the actor would end with the first run that used it.
+_driver_actors = {}  # name -> the handle this driver created
+
+
+def driver_actor(actor_class, name: str):
+    """The session's one `actor_class` actor, named `name` in the job's namespace: in the driver, created on
+    first use (on the driver's node, owned by the driver, so it outlives every run and Tune trial of the
+    session and ends with the driver); in a Ray process (a Tune trial), the one its driver made, or None
+    when there is none. A raydpo sweep makes them before its trials start."""
+    try:
+        found = ray.get_actor(name)  # a live one: a dead actor's name is free again
+    except ValueError:  # none in this job's namespace (or only in an earlier Ray session)
+        found = None
+    own = _driver_actors.get(name)
+    if found is not None:  # ours (the handle that keeps it alive), else a trial's driver's (or another
+        # driver's, in a namespace shared on purpose)
+        return own if own is not None and found._actor_id == own._actor_id else found
+    if ray._private.worker.global_worker.mode != ray.SCRIPT_MODE:
+        return None
+    try:
+        _driver_actors[name] = actor_class.options(name=name, scheduling_strategy=on_this_node()).remote()
+    except ValueError:  # the name is still held by one that just ended: none this time
+        return None
+    return _driver_actors[name]
+
+
 def resolve_use_gpu(config):
     """DPOConfig with use_gpu=None made definite: GPUs when this Ray cluster has any, or its autoscaler
     can start nodes that have them; in local mode (num_workers=0), when this process has one."""

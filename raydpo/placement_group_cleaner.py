@@ -131,34 +131,9 @@ class SessionCleanerCallback(ControllerCallback, WorkerGroupCallback):
                 "ungracefully, its placement group stays until the driver exits", method, error)
 
 
-# Ray ends an actor that is not detached once its creator's handle is gone, named or not (handles that
-# `ray.get_actor` or `get_if_exists` return do not count): the driver keeps the one it created, or the
-# cleaner would end with the first run that used it.
-_driver_handle = None
-
-
-def _in_driver() -> bool:
-    return ray._private.worker.global_worker.mode == ray.SCRIPT_MODE
-
-
 def session_cleaner() -> Optional["ray.actor.ActorHandle"]:
-    """The session's cleaner: in the driver, created on first use (on the driver's node, owned by the
-    driver); in a Ray process (a Tune trial), the one its driver made (a raydpo sweep makes it before
-    its trials start), or None when there is none: then Ray Train's per-run cleaner stays."""
-    global _driver_handle
-    try:
-        found = ray.get_actor(NAME)  # a live one: a dead actor's name is free again
-    except ValueError:  # none in this job's namespace (or only in an earlier Ray session)
-        found = None
-    if found is not None:  # ours (the handle that keeps it alive), else a trial's driver's (or another
-        # driver's, in a namespace shared on purpose)
-        return _driver_handle if _driver_handle is not None and found._actor_id == _driver_handle._actor_id else found
-    if not _in_driver():
-        return None
-    from raydpo.cluster import on_this_node
+    """The session's cleaner (cluster.driver_actor), or None where no driver made one: then Ray Train's
+    per-run cleaner stays."""
+    from raydpo.cluster import driver_actor
 
-    try:
-        _driver_handle = SessionCleaner.options(name=NAME, scheduling_strategy=on_this_node()).remote()
-    except ValueError:  # the name is still held by one that just ended: Ray's per-run cleaner this time
-        return None
-    return _driver_handle
+    return driver_actor(SessionCleaner, NAME)

@@ -35,7 +35,8 @@ def ray_session():
 @pytest.fixture(autouse=True)
 def no_leftovers(request):
     """After each test that used the shared Ray session: every run it made has given back its placement
-    groups and CPUs (a leftover makes a later run wait forever at "Requesting resources")."""
+    groups and CPUs (a leftover makes a later run wait forever at "Requesting resources"), and closed its
+    history."""
     yield
     if "ray_session" not in request.fixturenames:
         return
@@ -46,6 +47,16 @@ def no_leftovers(request):
     if ray.is_initialized():
         left = cluster.leftovers()
         assert not left["placement_groups"] and not left["cpus_in_use"], f"{request.node.nodeid} left {left}"
+        # and every run it made closed (or, when it failed, discarded) its history in the session's
+        # SessionHistories actor (raydpo/train/history.py), if this driver made one
+        from raydpo.train.history import NAME
+
+        try:
+            histories = ray.get_actor(NAME)
+        except ValueError:
+            histories = None
+        if histories is not None:
+            assert ray.get(histories.open_runs.remote()) == [], f"{request.node.nodeid} left run histories open"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ metric, the three reference modes agree, and the sweep reports. Each of those ru
 again by a test of its own, paying Ray Train's start-up (~15 s) each time."""
 
 import csv
+import glob
 import math
 import os
 import signal
@@ -21,6 +22,7 @@ from ray import tune
 
 from raydpo import DPOConfig, DPOTrainer, cluster
 from raydpo.placement_group_cleaner import session_cleaner
+from raydpo.train.history import session_histories
 from raydpo.tune import sweep
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -73,6 +75,7 @@ def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
     """{kind: {"trainer", "output" (or "sweep"), "dir", "leftovers", "ctrl-c handler kept"}} of every kind
     in KINDS, run in order."""
     runs = {}
+    history_actors = len(cluster.session_actors([("class_name", "=", "MetricsHistory")]))
     handlers = driver_signal_handlers()  # the driver's Ctrl-C (and SIGUSR1) handlers: every run gives them back
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
@@ -93,6 +96,7 @@ def session_runs(ray_session, tiny_model, parity_rows, tmp_path_factory):
                 runs[kind] = {"trainer": trainer, "output": trainer.train(), "dir": path}
             runs[kind]["leftovers"] = cluster.leftovers()
             runs[kind]["ctrl-c handler kept"] = driver_signal_handlers() == handlers
+    runs["run history actors started"] = len(cluster.session_actors([("class_name", "=", "MetricsHistory")])) - history_actors
     return runs
 
 
@@ -117,6 +121,10 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
     assert len(cluster.session_actors([("class_name", "=", "TrainController")])) >= len(ray_train_runs)
     # and no run's controller or metrics actor outlives it (Ray's handler held the last one's, with torch loaded)
     assert alive_after_runs(["TrainController", "MetricsHistory"]) == []
+    # only the run that logs to MLflow and W&B had a history actor of its own; every other run's history,
+    # each sweep trial's too, lived in the session's one actor (raydpo/train/history.py), and is closed
+    assert session_runs["run history actors started"] == 1
+    assert ray.get(session_histories().open_runs.remote()) == []
     # every Ray Train run, each sweep trial's too, had its placement group watched by the session's one
     # cleaner (raydpo/placement_group_cleaner.py), none by a cleaner actor of its own, and unwatched it at its end
     assert cluster.session_actors([("class_name", "=", "PlacementGroupCleaner")]) == []
@@ -128,6 +136,35 @@ def test_many_runs_in_one_session_all_finish_and_give_back_their_resources(sessi
     # (the failure this guards) waits for minutes
     assert last < 2.5 * first + 10, to_first_step
     assert max(to_first_step.values()) < 4 * statistics.median(to_first_step.values()) + 10, to_first_step
+
+
+def test_the_session_histories_keep_each_run_apart(ray_session, tmp_path):
+    """Two runs' histories open at once in the session's one SessionHistories actor (as two sweep trials'
+    are), called as a run's own actor is: each run's rows, events and marks stay its own, a closed run is
+    gone, a discarded one (a failed run) too, and the driver finds the same actor each time."""
+    from raydpo.train.history import SharedHistory, discard_history, open_history
+
+    first, second = (open_history(["tensorboard"], str(tmp_path / name), name, {"beta": 0.1}) for name in "ab")
+    assert isinstance(first, SharedHistory) and first.actor._actor_id == second.actor._actor_id
+    assert session_histories()._actor_id == first.actor._actor_id
+    refs = [first.append.remote({"global_step": 1, "loss": 0.5}), second.append.remote({"global_step": 1, "loss": 0.9}),
+            first.mark.remote({"model": 1.0}), first.append.remote({"global_step": 2, "loss": 0.4}),
+            second.end_step.remote(1), first.ack.remote(2, False)]
+    ray.get(refs)
+    assert ray.get(first.control.remote(2)) is False and ray.get(second.control.remote(1)) is None
+    assert [event for event, _ in ray.get(second.events_since.remote(0))] == ["log", "end"]
+    assert ray.get(first.startup_marks.remote()) == {"model": 1.0} and ray.get(second.startup_marks.remote()) == {}
+    assert sorted(ray.get(first.actor.open_runs.remote())) == sorted([first.key, second.key])
+    assert [row["loss"] for row in ray.get(first.close.remote())] == [0.5, 0.4]
+    assert glob.glob(str(tmp_path / "a" / "tensorboard" / "events.*"))  # its TensorBoard writer wrote and closed
+    discard_history(second)
+    assert ray.get(first.actor.open_runs.remote()) == []
+    with pytest.raises(ray.exceptions.RayTaskError, match="closed, discarded or never opened"):  # a closed run takes no more rows
+        ray.get(first.append.remote({"global_step": 3}))
+    # a tracker that keeps state per process gets the run an actor of its own, with the driver's settings
+    own = open_history(["tensorboard", "mlflow"], str(tmp_path / "c"), "c", {})
+    assert not isinstance(own, SharedHistory)
+    ray.kill(own)
 
 
 def test_the_session_cleaner_removes_only_a_dead_controllers_placement_group(ray_session):

@@ -1,19 +1,29 @@
-"""The driver's copy of a run's logged metrics: a small Ray actor that rank 0 sends each logged dict to.
+"""The driver's copy of a run's logged metrics, kept by a small Ray actor that rank 0 sends each logged
+dict to.
 
-It lives in a module of its own that imports neither torch nor the trainer: the actor's process
-imports this module to create it, and a run should not pay torch's import for it."""
+`RunHistory` is one run's. It lives in one of two actors (`open_history` picks):
+- `SessionHistories`, one per driver (cluster.driver_actor), holds the history of every run of the
+  session whose trackers keep no state per process (TensorBoard, or none: the default). A new actor
+  per run would be a new process, ~1.3-1.9 CPU s of a warm 1-worker run's ~25 on the 2-core machine
+  (bench/RESULTS.md); its calls are one run's in order, as an actor's are.
+- `MetricsHistory`, the run's own actor, for MLflow and W&B: each keeps its active run per process, and
+  takes its settings from the process's environment (the driver's, handed on as `tracker_env`).
+
+This module imports neither torch nor the trainer: the actors' processes import it, and a run should
+not pay torch's import for them."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import List
 
 import ray
 
-from raydpo.train.trackers import Trackers
+from raydpo.train.trackers import Trackers, tracker_env
 
 
-@ray.remote(num_cpus=0)
-class MetricsHistory:
+class RunHistory:
     """Collects rank 0's logged metrics so the driver gets the whole history, on any cluster, and
     hands them to the trackers of `report_to` (TensorBoard by default; see trackers.py)."""
 
@@ -62,3 +72,96 @@ class MetricsHistory:
     def close(self) -> list:
         self.trackers.close()
         return self.rows
+
+
+# The trackers a SessionHistories actor can hold for many runs at once (see the module's docstring).
+PER_PROCESS_TRACKERS = ("mlflow", "wandb")
+NAME = "raydpo_run_histories"  # in the job's namespace: one per driver
+
+
+@ray.remote(num_cpus=0)
+class MetricsHistory(RunHistory):
+    """A run's own history actor: for trackers that keep state per process (PER_PROCESS_TRACKERS)."""
+
+
+@ray.remote(num_cpus=0)
+class SessionHistories:
+    """The RunHistory of each open run of the session, by key. A run's history ends with its `close`
+    (or `discard`, when the run failed)."""
+
+    def __init__(self):
+        self.runs = {}
+
+    def open(self, key: str, *args) -> None:
+        self.runs[key] = RunHistory(*args)
+
+    def call(self, key: str, method: str, *args):
+        if key not in self.runs:
+            raise KeyError(f"run history {key!r}: closed, discarded or never opened (asked for {method})")
+        result = getattr(self.runs[key], method)(*args)
+        if method == "close":
+            del self.runs[key]
+        return result
+
+    def discard(self, key: str) -> None:
+        run = self.runs.pop(key, None)
+        if run is not None:
+            run.trackers.close()
+
+    def open_runs(self) -> list:
+        return sorted(self.runs)
+
+
+class SharedHistory:
+    """A run's RunHistory in the session's SessionHistories actor, called as a MetricsHistory actor's
+    handle is (`history.append.remote(row)`); it pickles, so rank 0 gets it in its spec."""
+
+    _keys = itertools.count()
+
+    def __init__(self, actor, targets: List[str], run_dir: str, run_name: str, config: dict):
+        self.actor, self.key = actor, f"{os.getpid()}-{next(self._keys)}-{run_name}"
+        actor.open.remote(self.key, targets, run_dir, run_name, config)
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _SharedMethod(self.actor, self.key, method)
+
+    def discard(self) -> None:
+        self.actor.discard.remote(self.key)
+
+
+class _SharedMethod:
+    def __init__(self, actor, key: str, method: str):
+        self.actor, self.key, self.method = actor, key, method
+
+    def remote(self, *args):
+        return self.actor.call.remote(self.key, self.method, *args)
+
+
+def session_histories():
+    """The session's SessionHistories actor (cluster.driver_actor), or None where no driver made one."""
+    from raydpo import cluster
+
+    return cluster.driver_actor(SessionHistories, NAME)
+
+
+def open_history(targets: List[str], run_dir: str, run_name: str, config: dict):
+    """A new run's history, on the driver's node (anywhere else, the loss of that node would take the
+    run's history with it, and no restart could log again): in the session's SessionHistories actor
+    unless a tracker keeps state per process, or no driver's actor can be found (a DPOTrainer inside a
+    user's own Ray task or Tune trainable)."""
+    from raydpo import cluster
+
+    shared = None if set(targets) & set(PER_PROCESS_TRACKERS) else session_histories()
+    if shared is not None:
+        return SharedHistory(shared, targets, run_dir, run_name, config)
+    return MetricsHistory.options(runtime_env={"env_vars": tracker_env()},
+                                  scheduling_strategy=cluster.on_this_node()).remote(targets, run_dir, run_name, config)
+
+
+def discard_history(history) -> None:
+    """After a failed run: a shared history's trackers closed and its rows dropped (a run's own actor ends
+    once its handle is gone)."""
+    if isinstance(history, SharedHistory):
+        history.discard()

@@ -25,12 +25,12 @@ from raydpo.train.checkpoint import MODEL_DIR
 from raydpo.train.deepspeed import check_lr_scheduler
 from raydpo.train.loop import train_in_process, train_loop_per_worker
 from raydpo.train.model_objects import is_model_object, model_name, objects_folder, save_model_object
-from raydpo.train.history import MetricsHistory
+from raydpo.train.history import discard_history, open_history
 from raydpo.train.progress import EventPump, ProgressPrinter
 from raydpo.train.run_context import CheckpointKeeper
 from raydpo.train.startup import startup_seconds
 from raydpo.train.spec import WorkerSpec, training_plan
-from raydpo.train.trackers import check_trackers_storage, report_targets, tracker_env
+from raydpo.train.trackers import check_trackers_storage, report_targets
 from raydpo.placement_group_cleaner import SessionCleanerCallback, session_cleaner
 from raydpo.model_loading import adapter_base, is_adapter_dir, reference_model_path
 from raydpo.reference.precompute import needs_precompute
@@ -126,11 +126,8 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     storage_path = storage.absolute(config.storage_path or config.output_dir)
     check_trackers_storage(config.report_to, storage_path)
     tracked_config = {k: v for k, v in config.to_dict().items() if k != "hub_token"}  # a secret stays out
-    # On the driver's node: anywhere else (it takes no CPU, so Ray may put it on any node) the loss of that
-    # node would take the run's history with it, and no restart could log again.
-    history = MetricsHistory.options(runtime_env={"env_vars": tracker_env()},
-                                     scheduling_strategy=cluster.on_this_node()).remote(
-        report_targets(config.report_to), storage.join(storage_path, run_name), run_name, tracked_config)
+    history = open_history(report_targets(config.report_to), storage.join(storage_path, run_name), run_name,
+                           tracked_config)
     spec = WorkerSpec(
         config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
         pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
@@ -153,9 +150,12 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     try:
         with pump:  # delivers the last events after fit(); a callback's error is raised here
             final = run()
+    except BaseException:
+        discard_history(history)
+        raise
     finally:
         close_reference_pool(reference_pool)
-    rows, marks = ray.get([history.close.remote(), history.startup_marks.remote()])
+    marks, rows = ray.get([history.startup_marks.remote(), history.close.remote()])  # close ends a shared history
     return TrainOutput(metrics=rows[-1] if rows else {}, history=rows, checkpoint=final,
                        startup=startup_seconds(fit_start, marks))
 
