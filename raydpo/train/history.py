@@ -2,12 +2,17 @@
 dict to.
 
 `RunHistory` is one run's. It lives in one of two actors (`open_history` picks):
-- `SessionHistories`, one per driver (cluster.driver_actor), holds the history of every run of the
-  session whose trackers keep no state per process (TensorBoard, or none: the default). A new actor
-  per run would be a new process, ~1.3-1.9 CPU s of a warm 1-worker run's ~25 on the 2-core machine
-  (bench/RESULTS.md); its calls are one run's in order, as an actor's are.
-- `MetricsHistory`, the run's own actor, for MLflow and W&B: each keeps its active run per process, and
-  takes its settings from the process's environment (the driver's, handed on as `tracker_env`).
+- `SessionHistories`, one per driver (cluster.driver_actor), holds the history of every run the
+  driver itself makes whose trackers keep no state per process (TensorBoard, or none: the default). A
+  new actor per run would be a new process, ~1.3-1.9 CPU s of a warm 1-worker run's ~25 on the 2-core
+  machine (bench/RESULTS.md); its calls are one run's in order, as an actor's are. The driver closes
+  each run's history at the run's end, or discards it when the run fails.
+- `MetricsHistory`, the run's own actor, otherwise:
+  - for MLflow and W&B, each of which keeps its active run per process, and takes its settings from the
+    process's environment (the driver's, handed on as `tracker_env`);
+  - for a run made in a Ray process, such as a sweep's trial: Tune may end a trial's process without a
+    word (ASHA stops it, or a forced stop), and a history held elsewhere would then stay open for the
+    rest of the session, where the run's own actor ends with the process that owns it.
 
 This module imports neither torch nor the trainer: the actors' processes import it, and a run should
 not pay torch's import for them."""
@@ -140,7 +145,7 @@ class _SharedMethod:
 
 
 def session_histories():
-    """The session's SessionHistories actor (cluster.driver_actor), or None where no driver made one."""
+    """The session's SessionHistories actor (cluster.driver_actor): made by the driver on first use."""
     from raydpo import cluster
 
     return cluster.driver_actor(SessionHistories, NAME)
@@ -148,12 +153,13 @@ def session_histories():
 
 def open_history(targets: List[str], run_dir: str, run_name: str, config: dict):
     """A new run's history, on the driver's node (anywhere else, the loss of that node would take the
-    run's history with it, and no restart could log again): in the session's SessionHistories actor
-    unless a tracker keeps state per process, or no driver's actor can be found (a DPOTrainer inside a
-    user's own Ray task or Tune trainable)."""
+    run's history with it, and no restart could log again): in the session's SessionHistories actor when
+    the driver makes the run and no tracker keeps state per process; else in an actor of its own (see
+    the module's docstring)."""
     from raydpo import cluster
 
-    shared = None if set(targets) & set(PER_PROCESS_TRACKERS) else session_histories()
+    in_driver = ray._private.worker.global_worker.mode == ray.SCRIPT_MODE
+    shared = session_histories() if in_driver and not set(targets) & set(PER_PROCESS_TRACKERS) else None
     if shared is not None:
         return SharedHistory(shared, targets, run_dir, run_name, config)
     return MetricsHistory.options(runtime_env={"env_vars": tracker_env()},

@@ -23,7 +23,6 @@ from ray import tune
 from raydpo import cluster, storage
 from raydpo.config import DPOConfig
 from raydpo.placement_group_cleaner import session_cleaner
-from raydpo.train.history import session_histories
 from raydpo.train.trainer import DPOTrainer, export_model, fit, with_reference_logps
 from raydpo.train.trackers import (check_trackers_storage, driver_mlflow_kept, environment_kept, report_targets,
                                    sweep_trial_targets, tune_callbacks)
@@ -206,8 +205,7 @@ def sweep(model: str, train_dataset: Any, search_space: dict, args: Optional[DPO
                                   storage_filesystem=storage.resolve(results_dir)[0] if remote else None, verbose=1,
                                   callbacks=tune_callbacks(targets, staging if remote else results_dir)),
     )
-    # made by this driver, so that every trial's runs share them (placement_group_cleaner.py, train/history.py)
-    session_cleaner(), session_histories()
+    session_cleaner()  # made by this driver, so every trial's runs share it (placement_group_cleaner.py)
     # Eval metrics come only at evaluation steps; the schedulers skip results without the metric, but
     # Tune's strict check would fail the trial on the first one.
     # (and Tune's Ctrl-C handler, which outlives the sweep in Ray 2.60: cluster.signal_handlers_kept)
