@@ -86,7 +86,8 @@ NAME = "raydpo_run_histories"  # in the job's namespace: one per driver
 
 @ray.remote(num_cpus=0)
 class MetricsHistory(RunHistory):
-    """A run's own history actor: for trackers that keep state per process (PER_PROCESS_TRACKERS)."""
+    """A run's own history actor: for trackers that keep state per process (PER_PROCESS_TRACKERS), and for
+    a run made in a Ray process (a sweep's trial); it ends with the process that owns it."""
 
 
 @ray.remote(num_cpus=0)
