@@ -93,11 +93,17 @@ def on_this_node():
 _driver_actors = {}  # name -> the handle this driver created
 
 
+def in_driver() -> bool:
+    """Whether this process is a Ray driver (a script, a notebook, a `ray job submit` entrypoint), not a
+    Ray worker such as a Tune trial's."""
+    return ray._private.worker.global_worker.mode == ray.SCRIPT_MODE
+
+
 def driver_actor(actor_class, name: str):
     """The session's one `actor_class` actor, named `name` in the job's namespace: in the driver, created on
     first use (on the driver's node, owned by the driver, so it outlives every run and Tune trial of the
     session and ends with the driver); in a Ray process (a Tune trial), the one its driver made, or None
-    when there is none. A raydpo sweep makes them before its trials start."""
+    when there is none."""
     try:
         found = ray.get_actor(name)  # a live one: a dead actor's name is free again
     except ValueError:  # none in this job's namespace (or only in an earlier Ray session)
@@ -106,7 +112,7 @@ def driver_actor(actor_class, name: str):
     if found is not None:  # ours (the handle that keeps it alive), else a trial's driver's (or another
         # driver's, in a namespace shared on purpose)
         return own if own is not None and found._actor_id == own._actor_id else found
-    if ray._private.worker.global_worker.mode != ray.SCRIPT_MODE:
+    if not in_driver():
         return None
     try:
         _driver_actors[name] = actor_class.options(name=name, scheduling_strategy=on_this_node()).remote()

@@ -20,7 +20,6 @@ not pay torch's import for them."""
 from __future__ import annotations
 
 import itertools
-import os
 from typing import List
 
 import ray
@@ -112,7 +111,7 @@ class SessionHistories:
     def discard(self, key: str) -> None:
         run = self.runs.pop(key, None)
         if run is not None:
-            run.trackers.close()
+            run.close()  # its trackers; the rows go with it
 
     def open_runs(self) -> list:
         return sorted(self.runs)
@@ -125,8 +124,9 @@ class SharedHistory:
     _keys = itertools.count()
 
     def __init__(self, actor, targets: List[str], run_dir: str, run_name: str, config: dict):
-        self.actor, self.key = actor, f"{os.getpid()}-{next(self._keys)}-{run_name}"
-        actor.open.remote(self.key, targets, run_dir, run_name, config)
+        self.actor, self.key = actor, f"{next(self._keys)}-{run_name}"  # only the driver opens them
+        # Waited for: rank 0 calls from another process, and Ray orders an actor's calls per caller only.
+        ray.get(actor.open.remote(self.key, targets, run_dir, run_name, config))
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
@@ -159,8 +159,7 @@ def open_history(targets: List[str], run_dir: str, run_name: str, config: dict):
     the module's docstring)."""
     from raydpo import cluster
 
-    in_driver = ray._private.worker.global_worker.mode == ray.SCRIPT_MODE
-    shared = session_histories() if in_driver and not set(targets) & set(PER_PROCESS_TRACKERS) else None
+    shared = session_histories() if cluster.in_driver() and not set(targets) & set(PER_PROCESS_TRACKERS) else None
     if shared is not None:
         return SharedHistory(shared, targets, run_dir, run_name, config)
     return MetricsHistory.options(runtime_env={"env_vars": tracker_env()},

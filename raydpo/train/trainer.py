@@ -128,29 +128,29 @@ def fit(config: DPOConfig, model: str, ref_model: str, tokenizer, train_data, re
     tracked_config = {k: v for k, v in config.to_dict().items() if k != "hub_token"}  # a secret stays out
     history = open_history(report_targets(config.report_to), storage.join(storage_path, run_name), run_name,
                            tracked_config)
-    spec = WorkerSpec(
-        config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
-        pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
-        shards={name: contiguous_shards(data.dataset, config.world_size) for name, data in datasets.items()},
-        resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
-        driver_events=handler is not None,  # rank 0 also sends ("save", step) events
-        wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
-    if config.num_workers == 0:  # local mode: the loop in this process, as Ray Train's num_workers=0
-        run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode)
-    else:
-        run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks)
-    cluster.quiet_logs(config.log_level)
-    if handler is not None:
-        handler.train_begin(plan, storage.join(storage_path, run_name))
-    # One driver thread follows the run: the progress lines and, with callbacks, their events and acks
-    # (polled more often then, since workers wait on each ack).
-    pump = EventPump(lambda count: ray.get(history.events_since.remote(count)), ProgressPrinter(plan.total_steps),
-                     handler, lambda step, stop: ray.get(history.ack.remote(step, stop)),
-                     interval_s=1.0 if handler is None else 0.1)
     try:
+        spec = WorkerSpec(
+            config=config.to_dict(), plan=plan, model=model, ref_model=ref_model, tokenizer=tokenizer,
+            pad_token_id=text_tokenizer(tokenizer).pad_token_id, history=history, peft_config=peft_config,
+            shards={name: contiguous_shards(data.dataset, config.world_size) for name, data in datasets.items()},
+            resume_from_checkpoint=resume_from_checkpoint, reference_pool=reference_pool,
+            driver_events=handler is not None,  # rank 0 also sends ("save", step) events
+            wait_for_driver=handler is not None and handler.waits)  # workers honour should_training_stop
+        if config.num_workers == 0:  # local mode: the loop in this process, as Ray Train's num_workers=0
+            run = _local_run(spec, config, storage.join(storage_path, run_name), best_metric, best_mode)
+        else:
+            run = _ray_train_run(spec, config, resources, run_name, storage_path, best_metric, best_mode, callbacks)
+        cluster.quiet_logs(config.log_level)
+        if handler is not None:
+            handler.train_begin(plan, storage.join(storage_path, run_name))
+        # One driver thread follows the run: the progress lines and, with callbacks, their events and acks
+        # (polled more often then, since workers wait on each ack).
+        pump = EventPump(lambda count: ray.get(history.events_since.remote(count)), ProgressPrinter(plan.total_steps),
+                         handler, lambda step, stop: ray.get(history.ack.remote(step, stop)),
+                         interval_s=1.0 if handler is None else 0.1)
         with pump:  # delivers the last events after fit(); a callback's error is raised here
             final = run()
-    except BaseException:
+    except BaseException:  # a shared history would otherwise stay open in the session (history.py)
         discard_history(history)
         raise
     finally:
